@@ -1,0 +1,63 @@
+"""The read model of a deploy: what ``GET /deploys/{id}`` shows, folded from its events. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import msgspec
+
+from service.events import Action, Event
+from service.lifecycle import ErrorInfo, fold, shown_attempt, status_of
+
+
+class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as the store holds it."""
+
+    position: int
+    deploy_id: str
+    version: int
+    type: str
+    data: dict[str, object]
+    recorded_at: datetime
+    actor: str
+    event: Event
+
+
+class DeployView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    owner: str
+    workspace: str
+    action: Action
+    status: str
+    attempt: int
+    max_attempts: int
+    created_at: datetime
+    updated_at: datetime
+    version: int
+    cancel_requested: bool = False
+    state_version: int | None = None
+    error: ErrorInfo | None = None
+
+
+def view_of(records: Sequence[StoredEvent]) -> DeployView:
+    """Fold a deploy's whole stream (ordered by version) into its read model."""
+    if not records:
+        raise ValueError("a deploy needs at least one event")
+    state = fold(r.event for r in records)
+    first, last = records[0], records[-1]
+    return DeployView(
+        id=first.deploy_id,
+        owner=state.owner,
+        workspace=state.workspace,
+        action=state.action,
+        status=status_of(state),
+        attempt=shown_attempt(state),
+        max_attempts=state.max_attempts,
+        created_at=first.recorded_at,
+        updated_at=last.recorded_at,
+        version=last.version,
+        cancel_requested=state.cancel_requested,
+        state_version=state.state_version,
+        error=state.error,
+    )
