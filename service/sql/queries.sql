@@ -1,0 +1,136 @@
+-- Named queries for the event store, loaded by service.queries. Each block starts with
+-- "-- name --", then a description, then the query. Python never builds SQL from strings.
+
+-- lock_appends --
+-- Serialise appends for the rest of the transaction so global positions commit in order.
+SELECT pg_advisory_xact_lock(7310002);
+
+-- stream_version --
+-- The current version of a deploy's stream (0 when it has no events).
+SELECT coalesce(max(version), 0) AS version FROM events WHERE deploy_id = %(deploy_id)s;
+
+-- insert_event --
+-- Append one event; the unique (deploy_id, version) refuses a second writer at that version.
+INSERT INTO events (deploy_id, version, type, data, actor)
+VALUES (%(deploy_id)s, %(version)s, %(type)s, %(data)s, %(actor)s)
+RETURNING position, deploy_id, version, type, data, recorded_at, actor;
+
+-- read_stream --
+-- A deploy's events in order.
+SELECT position, deploy_id, version, type, data, recorded_at, actor
+FROM events WHERE deploy_id = %(deploy_id)s AND version > %(after_version)s
+ORDER BY version;
+
+-- read_all_after --
+-- Every event after a global position, in position order.
+SELECT position, deploy_id, version, type, data, recorded_at, actor
+FROM events WHERE position > %(after)s
+ORDER BY position LIMIT %(limit)s;
+
+-- upsert_deploy --
+-- Write a deploy's read model; called in the same transaction as the append.
+INSERT INTO deploys (id, owner, workspace, action, status, attempt, max_attempts,
+                     cancel_requested, state_version, error_reason, error_message,
+                     version, created_at, updated_at)
+VALUES (%(id)s, %(owner)s, %(workspace)s, %(action)s, %(status)s, %(attempt)s, %(max_attempts)s,
+        %(cancel_requested)s, %(state_version)s, %(error_reason)s, %(error_message)s,
+        %(version)s, %(created_at)s, %(updated_at)s)
+ON CONFLICT (id) DO UPDATE SET
+    owner = excluded.owner, workspace = excluded.workspace, action = excluded.action,
+    status = excluded.status, attempt = excluded.attempt, max_attempts = excluded.max_attempts,
+    cancel_requested = excluded.cancel_requested, state_version = excluded.state_version,
+    error_reason = excluded.error_reason, error_message = excluded.error_message,
+    version = excluded.version, created_at = excluded.created_at, updated_at = excluded.updated_at;
+
+-- get_deploy --
+-- One deploy's read model.
+SELECT id, owner, workspace, action, status, attempt, max_attempts, cancel_requested,
+       state_version, error_reason, error_message, version, created_at, updated_at
+FROM deploys WHERE id = %(id)s;
+
+-- list_deploys --
+-- A page of deploys, newest first, keyset-paginated on (created_at, id); filters are optional.
+SELECT id, owner, workspace, action, status, attempt, max_attempts, cancel_requested,
+       state_version, error_reason, error_message, version, created_at, updated_at
+FROM deploys
+WHERE (%(owner)s::text IS NULL OR owner = %(owner)s::text)
+  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(workspace)s::text IS NULL OR workspace = %(workspace)s::text)
+  AND (%(cursor_at)s::timestamptz IS NULL
+       OR (created_at, id) < (%(cursor_at)s::timestamptz, %(cursor_id)s::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- all_deploy_ids --
+-- Every deploy that has events, for a projection rebuild.
+SELECT DISTINCT deploy_id FROM events;
+
+-- clear_deploys --
+-- Empty the read model before a rebuild (the events stay).
+DELETE FROM deploys;
+
+-- audit_page --
+-- The audit query over the event table; every filter optional, keyset on position.
+SELECT e.position, e.deploy_id, e.version, e.type, e.data, e.recorded_at, e.actor
+FROM events e
+WHERE (%(deploy_id)s::uuid IS NULL OR e.deploy_id = %(deploy_id)s::uuid)
+  AND (%(type)s::text IS NULL OR e.type = %(type)s::text)
+  AND (%(actor)s::text IS NULL OR e.actor = %(actor)s::text)
+  AND (%(since)s::timestamptz IS NULL OR e.recorded_at >= %(since)s::timestamptz)
+  AND (%(until)s::timestamptz IS NULL OR e.recorded_at < %(until)s::timestamptz)
+  AND e.position > %(after)s
+  AND (%(workspace)s::text IS NULL
+       OR e.deploy_id IN (SELECT d.id FROM deploys d WHERE d.workspace = %(workspace)s::text))
+  AND (%(owner)s::text IS NULL
+       OR e.deploy_id IN (SELECT d.id FROM deploys d WHERE d.owner = %(owner)s::text))
+ORDER BY e.position
+LIMIT %(limit)s;
+
+-- insert_inputs --
+-- A deploy's files and variables, written once with its Requested event.
+INSERT INTO deploy_inputs (deploy_id, files, variables, sha256)
+VALUES (%(deploy_id)s, %(files)s, %(variables)s, %(sha256)s);
+
+-- get_inputs --
+-- A deploy's files and variables.
+SELECT files, variables, sha256 FROM deploy_inputs WHERE deploy_id = %(deploy_id)s;
+
+-- insert_secrets --
+-- A deploy's encrypted secrets.
+INSERT INTO deploy_secrets (deploy_id, ciphertext) VALUES (%(deploy_id)s, %(ciphertext)s);
+
+-- get_secrets --
+-- A deploy's encrypted secrets, if it still has them.
+SELECT ciphertext FROM deploy_secrets WHERE deploy_id = %(deploy_id)s;
+
+-- delete_secrets --
+-- Forget a deploy's secrets once it has ended.
+DELETE FROM deploy_secrets WHERE deploy_id = %(deploy_id)s;
+
+-- get_idempotency --
+-- The deploy an owner's Idempotency-Key already created.
+SELECT request_sha256, deploy_id FROM idempotency_keys WHERE owner = %(owner)s AND key = %(key)s;
+
+-- insert_idempotency --
+-- Remember an Idempotency-Key; a concurrent twin collides on the primary key.
+INSERT INTO idempotency_keys (owner, key, request_sha256, deploy_id)
+VALUES (%(owner)s, %(key)s, %(request_sha256)s, %(deploy_id)s);
+
+-- insert_token --
+-- A new API token (its hash only).
+INSERT INTO api_tokens (name, token_hash, admin) VALUES (%(name)s, %(token_hash)s, %(admin)s)
+RETURNING id;
+
+-- find_token --
+-- The live token with this hash.
+SELECT id, name, admin FROM api_tokens WHERE token_hash = %(token_hash)s AND revoked_at IS NULL;
+
+-- list_tokens --
+-- Every token, without hashes.
+SELECT id, name, admin, created_at, revoked_at FROM api_tokens ORDER BY id;
+
+-- revoke_token --
+-- Revoke a token by id or name.
+UPDATE api_tokens SET revoked_at = now()
+WHERE (id::text = %(ref)s OR name = %(ref)s) AND revoked_at IS NULL
+RETURNING id;
