@@ -1,0 +1,208 @@
+"""The deploy command handler: the shell around the pure lifecycle.
+
+Loads a deploy's stream, asks ``lifecycle.decide`` what follows a command, appends the answer
+with the expected version, and, in the same transaction, performs what those events require:
+queue the next run (``Requested``, ``Retried``) and forget the secrets once the deploy ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID, uuid4
+
+import msgspec
+from psycopg.errors import UniqueViolation
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from service import store
+from service.events import Cancelled, Event, Failed, Requested, Retried, Succeeded
+from service.lifecycle import (
+    INITIAL,
+    Command,
+    DeployState,
+    RequestDeploy,
+    decide,
+    fold,
+)
+from service.projection import DeployView, StoredEvent, view_of
+from service.queries import q
+from service.queue import Queue
+
+CONFLICT_RETRIES = 8
+
+
+class NotFound(Exception):
+    pass
+
+
+class IdempotencyMismatch(Exception):
+    """The same Idempotency-Key came with a different request."""
+
+
+class NewDeploy(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated deploy request, ready to record."""
+
+    workspace: str
+    action: str
+    files: dict[str, str]
+    variables: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    max_attempts: int
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def ends_deploy(event: Event) -> bool:
+    return isinstance(event, Succeeded | Cancelled) or (isinstance(event, Failed) and event.final)
+
+
+class Deploys:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        queue: Queue,
+        *,
+        encrypt: Any,
+        digest_key: bytes,
+    ) -> None:
+        self.pool = pool
+        self.queue = queue
+        self._encrypt = encrypt  # callable: dict[str, str] -> bytes
+        self._digest_key = digest_key
+
+    # ------------------------------------------------------------ request
+
+    def request_digest(self, new: NewDeploy) -> str:
+        """Identifies a request for Idempotency-Key checks. Keyed (HMAC), so the stored digest
+        reveals nothing about the secrets in it."""
+        canonical = msgspec.json.encode(msgspec.to_builtins(new), order="sorted")
+        return hmac.new(self._digest_key, canonical, hashlib.sha256).hexdigest()
+
+    async def request(
+        self, new: NewDeploy, *, owner: str, actor: str, idempotency_key: str | None = None
+    ) -> tuple[DeployView, bool]:
+        """Record a new deploy and queue its first run, in one transaction.
+
+        Returns (deploy, created): ``created`` is False when an Idempotency-Key matched.
+        """
+        digest = self.request_digest(new) if idempotency_key else ""
+        for _ in range(2):
+            try:
+                return await self._request_once(new, owner, actor, idempotency_key, digest)
+            except UniqueViolation:
+                # A concurrent request with the same key won; answer with its deploy.
+                continue
+        raise RuntimeError("idempotency key race did not settle")  # pragma: no cover
+
+    async def _request_once(
+        self, new: NewDeploy, owner: str, actor: str, key: str | None, digest: str
+    ) -> tuple[DeployView, bool]:
+        async with self.pool.connection() as conn, conn.transaction():
+            if key:
+                cur = await conn.execute(q("get_idempotency"), {"owner": owner, "key": key})
+                row = await cur.fetchone()
+                if row:
+                    if row[0] != digest:
+                        raise IdempotencyMismatch(
+                            "this Idempotency-Key was used with a different request"
+                        )
+                    view = await store.get_deploy(conn, row[1])
+                    assert view is not None
+                    return view, False
+            deploy_id = str(uuid4())
+            files = {name: _sha256(content.encode()) for name, content in sorted(new.files.items())}
+            command = RequestDeploy(
+                workspace=new.workspace,
+                action=new.action,  # type: ignore[arg-type]
+                max_attempts=new.max_attempts,
+                owner=owner,
+                files=files,
+                variables=dict(new.variables),
+                secret_names=sorted(new.secrets),
+            )
+            events = decide(command, INITIAL)
+            stored = await store.append(conn, deploy_id, 0, events, actor, prior=[])
+            await conn.execute(
+                q("insert_inputs"),
+                {
+                    "deploy_id": deploy_id,
+                    "files": Jsonb(new.files),
+                    "variables": Jsonb(new.variables),
+                    "sha256": _sha256(msgspec.json.encode(new.files, order="sorted")),
+                },
+            )
+            if new.secrets:
+                await conn.execute(
+                    q("insert_secrets"),
+                    {"deploy_id": deploy_id, "ciphertext": self._encrypt(dict(new.secrets))},
+                )
+            if key:
+                await conn.execute(
+                    q("insert_idempotency"),
+                    {"owner": owner, "key": key, "request_sha256": digest, "deploy_id": deploy_id},
+                )
+            await self._react(conn, DeployState(), stored)
+            return view_of(stored), True
+
+    # ------------------------------------------------------------ commands
+
+    async def execute(
+        self, deploy_id: str | UUID, command: Command, actor: str
+    ) -> tuple[list[StoredEvent], DeployView]:
+        """Decide and append what follows ``command``; retried on a version conflict.
+
+        Raises NotFound, or lifecycle.IllegalTransition when the command is not allowed now.
+        """
+        deploy_id = str(deploy_id)
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    prior = await store.read_stream(conn, deploy_id)
+                    if not prior:
+                        raise NotFound(deploy_id)
+                    state = fold(e.event for e in prior)
+                    events = decide(command, state)
+                    new = await store.append(
+                        conn, deploy_id, prior[-1].version, events, actor, prior=prior
+                    )
+                    await self._react(conn, state, new)
+                    return new, view_of([*prior, *new])
+            except store.VersionConflict:
+                continue
+        raise store.VersionConflict(deploy_id, -1, -1)
+
+    async def _react(self, conn: Any, before: DeployState, new: Sequence[StoredEvent]) -> None:
+        """What the new events require, in their transaction."""
+        state = fold((e.event for e in new), before)
+        for record in new:
+            event = record.event
+            if isinstance(event, Requested):
+                await self.queue.defer_run(
+                    conn, deploy_id=record.deploy_id, attempt=1, workspace=event.workspace
+                )
+            elif isinstance(event, Retried):
+                await self.queue.defer_run(
+                    conn,
+                    deploy_id=record.deploy_id,
+                    attempt=event.attempt,
+                    workspace=state.workspace,
+                    delay=event.delay_seconds,
+                )
+            if ends_deploy(event):
+                await conn.execute(q("delete_secrets"), {"deploy_id": record.deploy_id})
+
+    # ------------------------------------------------------------ reads
+
+    async def get(self, deploy_id: str | UUID) -> DeployView | None:
+        async with self.pool.connection() as conn:
+            return await store.get_deploy(conn, deploy_id)
+
+    async def stream(self, deploy_id: str | UUID) -> list[StoredEvent]:
+        async with self.pool.connection() as conn:
+            return await store.read_stream(conn, deploy_id)

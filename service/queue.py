@@ -1,0 +1,64 @@
+"""The job queue: procrastinate in the same PostgreSQL. One task, ``run_deploy``.
+
+A job carries only a deploy id and the attempt it is meant to run; the deploy's event stream
+decides whether that is still wanted (a stale job of a cancelled deploy does nothing). Jobs of one
+workspace share a procrastinate ``lock``, so they run one at a time, in the order queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import procrastinate
+from psycopg import AsyncConnection
+
+QUEUE_NAME = "deploys"
+TASK_NAME = "tfdeploy.run_deploy"
+
+Handler = Callable[[str, int], Awaitable[None]]
+
+
+def workspace_lock(workspace: str) -> str:
+    return f"workspace:{workspace}"
+
+
+class Queue:
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        connector = procrastinate.PsycopgConnector(conninfo=url, min_size=1, max_size=pool_size)
+        self.app = procrastinate.App(connector=connector, worker_defaults={"install_signal_handlers": False})
+        self._handler: Handler | None = None
+
+        @self.app.task(name=TASK_NAME, queue=QUEUE_NAME)
+        async def run_deploy(deploy_id: str, attempt: int) -> None:
+            if self._handler is None:
+                raise RuntimeError("no deploy handler installed in this process")
+            await self._handler(deploy_id, attempt)
+
+        self.run_deploy = run_deploy
+
+    def set_handler(self, handler: Handler) -> None:
+        self._handler = handler
+
+    async def defer_run(
+        self,
+        conn: AsyncConnection[Any],
+        *,
+        deploy_id: str,
+        attempt: int,
+        workspace: str,
+        delay: float = 0.0,
+    ) -> int:
+        """Queue a run in the caller's transaction: it commits with the events, or not at all."""
+        options: dict[str, Any] = {"connection": conn, "lock": workspace_lock(workspace)}
+        if delay > 0:
+            options["schedule_in"] = {"seconds": delay}
+        return await self.run_deploy.configure(**options).defer_async(
+            deploy_id=deploy_id, attempt=attempt
+        )
+
+    async def open(self) -> None:
+        await self.app.open_async()
+
+    async def close(self) -> None:
+        await self.app.close_async()
