@@ -185,12 +185,18 @@ def evolve(state: DeployState, event: Event) -> DeployState:
                 return replace(state, phase="failed", error=error)
             return replace(state, phase="queued", error=error, next_attempt=event.attempt + 1)
         case Retried():
+            # A retry (or an admin replay) opens a new round: a cancel request that an earlier
+            # attempt never acted on (e.g. that attempt ended state_not_persisted) must not leak
+            # into it -- otherwise the next failure would turn into Cancelled and a fresh Cancel
+            # would be swallowed as "already requested".
             return replace(
                 state,
                 phase="queued",
                 next_attempt=event.attempt,
                 max_attempts=event.max_attempts,
                 error=state.error,
+                cancel_requested=False,
+                cancel_by="",
             )
         case Destroyed() | StateRescued():
             return state

@@ -87,7 +87,13 @@ async def append(
     actual = rows[0]["version"]
     if actual != expected_version:
         raise VersionConflict(deploy_id, expected_version, actual)
-    if prior is None or (prior and prior[-1].version != expected_version):
+    # Reuse ``prior`` only if it is the whole stream 1..expected_version (n distinct versions
+    # ending at n): an empty or partial prior would fold a read model from a fragment.
+    if (
+        prior is None
+        or len(prior) != expected_version
+        or (prior and prior[-1].version != expected_version)
+    ):
         prior = await read_stream(conn, deploy_id)
     new: list[StoredEvent] = []
     try:

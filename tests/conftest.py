@@ -50,3 +50,23 @@ def database_url(pg_cluster: EmbeddedPostgres) -> str:
 async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
     async with AsyncConnectionPool(database_url, min_size=1, max_size=20, open=False) as p:
         yield p
+
+
+@pytest.fixture(scope="session")
+def runner_image() -> str:
+    """The terraform runner image built by scripts/build-runner-image.sh."""
+    return os.environ.get("TFDEPLOY_TEST_RUNNER_IMAGE", "local/terraform:1.11.4")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    """In CI (TFDEPLOY_REQUIRE_DOCKER / TFDEPLOY_REQUIRE_BROWSER set), a test that skips because
+    Docker or Chromium is missing fails instead: a green run must have run them."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped:
+        return
+    for marker, env in (("docker", "TFDEPLOY_REQUIRE_DOCKER"), ("browser", "TFDEPLOY_REQUIRE_BROWSER")):
+        if item.get_closest_marker(marker) and os.environ.get(env):
+            report.outcome = "failed"
+            report.longrepr = f"{marker} is required here ({env} is set) but the test skipped: {report.longrepr}"

@@ -3,7 +3,10 @@
 The PostgreSQL store keeps content in ``state_blobs``; the S3 store keeps it under versioned keys
 in a bucket. Either way, every version's metadata is a row of ``state_versions`` in PostgreSQL
 (the index that ``GET /workspaces/{name}/states`` serves), written by the caller in the same
-transaction as the ``StatePersisted`` event.
+transaction as the ``StatePersisted`` event (see ``service.statestores.index``).
+
+Implementations: ``postgres.PostgresStateStore(pool)`` and ``s3.S3StateStore(settings)``;
+``make_state_store(settings, pool)`` picks one, ``put_with_retries`` retries a put a few times.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import msgspec
 
 class StoredState(msgspec.Struct, frozen=True, kw_only=True):
     store: str  # "postgres" | "s3"
-    location: str  # e.g. "postgres:workspace/3" or "s3://bucket/prefix/workspace/3.tfstate"
+    location: str  # "postgres:workspace/3" or "s3://bucket/prefix/workspace/00000003.tfstate"
 
 
 class StateStoreError(Exception):
@@ -27,9 +30,13 @@ class StateStore(Protocol):
 
     async def put(self, workspace: str, version: int, content: bytes, sha256: str) -> StoredState:
         """Store one version durably (idempotent for the same workspace/version/content), or
-        raise StateStoreError."""
+        raise StateStoreError. ``sha256`` is the hex digest of ``content`` (checked; a mismatch is
+        a StateStoreError). The PostgreSQL store raises StateConflict (a StateStoreError) when
+        another content already holds the version; the S3 store overwrites the key (the index
+        never hands out a recorded version twice)."""
         ...
 
     async def get(self, workspace: str, version: int, location: str) -> bytes:
-        """The content of one stored version; raises StateStoreError."""
+        """The content of one stored version (integrity checked where the store can); raises
+        StateStoreError."""
         ...

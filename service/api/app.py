@@ -1,0 +1,97 @@
+"""The HTTP application: resources, dependencies, the error table and the OpenAPI document.
+
+``create_app`` takes an opened ``Services``; the caller owns its lifetime (the app never opens or
+closes it; pass ``on_shutdown`` to have the app's shutdown call something).
+
+Dependencies every handler may declare:
+- ``services``: the ``Services`` instance;
+- ``principal``: the authenticated caller (401 when missing or invalid);
+- ``state_store``: the configured tfstate store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin, YamlRenderPlugin
+from litestar.openapi.spec import Components, Tag
+from litestar.types import ControllerRouterHandler
+
+from service.api.auth import SECURITY_SCHEMES, current_principal
+from service.api.deploys import DeployController
+from service.api.errors import EXCEPTION_HANDLERS
+from service.api.events import EventController
+from service.api.health import HealthController
+from service.api.workspaces import WorkspaceController
+from service.services import Services
+from service.statestores import StateStore, make_state_store
+from service.validation import warm_up
+
+API_VERSION = "1"
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="tfdeploy",
+        version=API_VERSION,
+        description=(
+            "Terraform deploys over HTTP: queued, retried, event-sourced. Authenticate with "
+            "`Authorization: Bearer <token>` (or `?access_token=` for EventSource). Errors are "
+            '`{"status_code", "detail"}`.'
+        ),
+        path="/schema",
+        components=Components(security_schemes=SECURITY_SCHEMES),
+        tags=[
+            Tag(name="deploys", description="Request, follow, cancel and replay deploys."),
+            Tag(name="workspaces", description="Persisted tfstate versions."),
+            Tag(name="events", description="The audit query over every event."),
+            Tag(name="operations", description="Health and metrics (no token needed)."),
+        ],
+        render_plugins=[ScalarRenderPlugin(), JsonRenderPlugin(), YamlRenderPlugin()],
+    )
+
+
+def create_app(
+    services: Services,
+    *,
+    extra_route_handlers: Sequence[ControllerRouterHandler] = (),
+    on_shutdown: Callable[..., Any] | None = None,
+    debug: bool = False,
+) -> Litestar:
+    state_store = make_state_store(services.settings, services.pool)
+
+    def provide_services() -> Services:
+        return services
+
+    def provide_state_store() -> StateStore:
+        return state_store
+
+    return Litestar(
+        route_handlers=[
+            DeployController,
+            WorkspaceController,
+            EventController,
+            HealthController,
+            *extra_route_handlers,
+        ],
+        dependencies={
+            "services": Provide(provide_services, use_cache=True, sync_to_thread=False),
+            "state_store": Provide(provide_state_store, use_cache=True, sync_to_thread=False),
+            "principal": Provide(current_principal),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=openapi_config(),
+        # The deploy handler enforces the same limit itself, with its own message; this one
+        # guards every other route.
+        request_max_body_size=services.settings.max_request_bytes,
+        # Build python-hcl2's parser before the first request rather than during it.
+        on_startup=[warm_up],
+        on_shutdown=[on_shutdown] if on_shutdown else [],
+        state=State({"services": services, "state_store": state_store}),
+        debug=debug,
+    )

@@ -1,0 +1,289 @@
+"""The deploys resource: request, read, list, follow the events and logs, cancel, replay.
+
+Every id-taking route resolves the deploy through ``visible_deploy``: a malformed id, an unknown
+id and another user's deploy are all 404.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
+from litestar.params import Parameter
+
+from service import store
+from service.api.auth import SECURITY, require_admin, visible_deploy
+from service.api.errors import TooLarge, Unprocessable, check_limit
+from service.api.schemas import (
+    DeployOut,
+    DeployPage,
+    EventList,
+    EventOut,
+    decode_cursor,
+    encode_cursor,
+    error_responses,
+)
+from service.auth import Principal
+from service.deploys import NewDeploy
+from service.lifecycle import STATUSES, Cancel, Replay
+from service.logs import read_logs
+from service.services import Services
+from service.validation import parse_deploy_request
+
+IDEMPOTENCY_KEY_MAX = 200
+LIST_LIMIT_MAX = 200
+LIST_LIMIT_DEFAULT = 50
+DEPLOY_ID = Parameter(description="The deploy's id (a UUID).")
+
+
+async def read_body(request: Request[Any, Any, Any], max_bytes: int) -> bytes:
+    """The raw body, refused with 413 before reading when Content-Length announces more than
+    ``max_bytes``, and while reading as soon as more arrives."""
+    announced = request.content_length  # a malformed header is a 400 (ClientException)
+    if announced is not None and announced > max_bytes:
+        raise TooLarge(f"request body larger than {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"request body larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _string_map(description: str) -> Schema:
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        additional_properties=Schema(type=OpenAPIType.STRING),
+        description=description,
+    )
+
+
+DEPLOY_REQUEST_SCHEMA = Schema(
+    type=OpenAPIType.OBJECT,
+    title="DeployRequest",
+    required=["files"],
+    properties={
+        "files": _string_map(
+            "Relative file name (`main.tf`, `modules/net/main.tf`) -> content: `.tf`, "
+            "`.tf.json`, `.tfvars`, `.tfvars.json` or `.json`; no `backend` or `cloud` block."
+        ),
+        "workspace": Schema(type=OpenAPIType.STRING, default="default"),
+        "variables": _string_map("Terraform variables (`-var`), not secret."),
+        "secrets": _string_map(
+            "Secret variables: reach terraform only as `TF_VAR_<name>`, never stored in clear."
+        ),
+        "action": Schema(type=OpenAPIType.STRING, enum=["apply", "destroy"], default="apply"),
+        "max_attempts": Schema(
+            type=[OpenAPIType.INTEGER, OpenAPIType.NULL],
+            minimum=1,
+            description="Attempts in all, the first included; default TFDEPLOY_MAX_ATTEMPTS.",
+        ),
+    },
+    additional_properties=False,
+)
+
+
+class DeployRequestOperation(Operation):
+    """The handler reads the raw body itself (size limit, its own validation), so Litestar cannot
+    infer the request body: document it here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.request_body = RequestBody(
+            required=True,
+            content={"application/json": OpenAPIMediaType(schema=DEPLOY_REQUEST_SCHEMA)},
+        )
+
+
+class DeployController(Controller):
+    path = "/deploys"
+    tags = ["deploys"]
+    security = SECURITY
+
+    @post(
+        "/",
+        status_code=202,
+        summary="Request a deploy",
+        operation_class=DeployRequestOperation,
+        responses=error_responses(400, 413, 422),
+        description=(
+            "Queues a deploy and answers 202 with it. With an `Idempotency-Key`, the same key "
+            "and the same request return the same deploy (header `Idempotent-Replayed: true`); "
+            "the same key with another request is 422."
+        ),
+    )
+    async def request_deploy(
+        self,
+        request: Request[Any, Any, Any],
+        services: Services,
+        principal: Principal,
+        idempotency_key: str | None = Parameter(
+            header="Idempotency-Key",
+            required=False,
+            description=f"At most {IDEMPOTENCY_KEY_MAX} characters.",
+        ),
+    ) -> Response[DeployOut]:
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
+            raise Unprocessable(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} characters")
+        settings = services.settings
+        body = await read_body(request, settings.max_request_bytes)
+        parsed = parse_deploy_request(body, settings.max_request_bytes)
+        new = NewDeploy(
+            workspace=parsed.workspace,
+            action=parsed.action,
+            files=dict(parsed.files),
+            variables=dict(parsed.variables),
+            secrets=dict(parsed.secrets),
+            max_attempts=parsed.max_attempts or settings.max_attempts,
+        )
+        view, created = await services.deploys.request(
+            new, owner=principal.name, actor=principal.actor, idempotency_key=idempotency_key
+        )
+        headers = {"Location": f"/deploys/{view.id}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return Response(DeployOut.of(view), status_code=202, headers=headers)
+
+    @get("/", summary="List deploys, newest first", responses=error_responses(400, 422))
+    async def list_deploys(
+        self,
+        services: Services,
+        principal: Principal,
+        status: str | None = Parameter(
+            required=False, description="One of " + ", ".join(STATUSES) + "."
+        ),
+        workspace: str | None = Parameter(required=False),
+        owner: str | None = Parameter(
+            required=False, description="Admins: only this user's deploys."
+        ),
+        limit: int = Parameter(
+            default=LIST_LIMIT_DEFAULT,
+            description=f"1-{LIST_LIMIT_MAX}.",
+            schema_extra={"minimum": 1, "maximum": LIST_LIMIT_MAX},
+        ),
+        cursor: str | None = Parameter(
+            required=False, description="The `next` of the previous page."
+        ),
+    ) -> DeployPage:
+        if status is not None and status not in STATUSES:
+            raise Unprocessable(f"status must be one of {', '.join(STATUSES)}")
+        check_limit(limit, LIST_LIMIT_MAX)
+        after = decode_cursor(cursor) if cursor else None
+        if not principal.admin:
+            if owner is not None and owner != principal.name:
+                return DeployPage(items=[], next=None)
+            owner = principal.name
+        async with services.pool.connection() as conn:
+            views = await store.list_deploys(
+                conn,
+                owner=owner,
+                status=status,
+                workspace=workspace,
+                cursor=after,
+                limit=limit + 1,
+            )
+        page = views[:limit]
+        more = len(views) > limit
+        next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more else None
+        return DeployPage(items=[DeployOut.of(v) for v in page], next=next_cursor)
+
+    @get("/{deploy_id:str}", summary="One deploy", responses=error_responses(400, 404))
+    async def get_deploy(
+        self,
+        services: Services,
+        principal: Principal,
+        deploy_id: str = DEPLOY_ID,
+    ) -> DeployOut:
+        return DeployOut.of(await visible_deploy(services, principal, deploy_id))
+
+    @get(
+        "/{deploy_id:str}/events",
+        summary="A deploy's events, in order",
+        responses=error_responses(400, 404),
+    )
+    async def deploy_events(
+        self,
+        services: Services,
+        principal: Principal,
+        deploy_id: str = DEPLOY_ID,
+        after: int = Parameter(
+            default=0, description="Only events with a version above this.", ge=0
+        ),
+    ) -> EventList:
+        deploy = await visible_deploy(services, principal, deploy_id)
+        async with services.pool.connection() as conn:
+            events = await store.read_stream(conn, deploy.id, after_version=after)
+        return EventList(items=[EventOut.of(e) for e in events])
+
+    @get(
+        "/{deploy_id:str}/logs",
+        summary="Terraform output so far",
+        responses=error_responses(400, 404),
+        media_type="text/plain; charset=utf-8",
+    )
+    async def deploy_logs(
+        self,
+        services: Services,
+        principal: Principal,
+        deploy_id: str = DEPLOY_ID,
+        after_seq: int = Parameter(
+            default=0, description="Only lines after this sequence number.", ge=0
+        ),
+    ) -> Response[str]:
+        deploy = await visible_deploy(services, principal, deploy_id)
+        async with services.pool.connection() as conn:
+            lines = await read_logs(conn, deploy.id, after_seq=after_seq)
+        headers = {"X-Last-Seq": str(lines[-1].seq if lines else after_seq)}
+        return Response(
+            "\n".join(line.line for line in lines),
+            media_type="text/plain; charset=utf-8",
+            headers=headers,
+        )
+
+    @post(
+        "/{deploy_id:str}/cancel",
+        status_code=202,
+        summary="Cancel a deploy (owner or admin)",
+        responses=error_responses(404, 409),
+    )
+    async def cancel(
+        self,
+        services: Services,
+        principal: Principal,
+        deploy_id: str = DEPLOY_ID,
+    ) -> DeployOut:
+        deploy = await visible_deploy(services, principal, deploy_id)
+        _, view = await services.deploys.execute(
+            deploy.id, Cancel(by=principal.actor), principal.actor
+        )
+        return DeployOut.of(view)
+
+    @post(
+        "/{deploy_id:str}/replay",
+        status_code=202,
+        summary="Queue a failed deploy again with a fresh attempt budget (admin)",
+        responses=error_responses(403, 404, 409),
+    )
+    async def replay(
+        self,
+        services: Services,
+        principal: Principal,
+        deploy_id: str = DEPLOY_ID,
+    ) -> DeployOut:
+        deploy = await visible_deploy(services, principal, deploy_id)
+        require_admin(principal, "a replay")
+        _, view = await services.deploys.execute(
+            deploy.id,
+            Replay(by=principal.actor, budget=services.settings.max_attempts),
+            principal.actor,
+        )
+        return DeployOut.of(view)

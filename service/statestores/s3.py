@@ -1,0 +1,199 @@
+"""The S3 state store: each tfstate version is one object under a versioned key.
+
+Works with AWS S3, MinIO and NCP Object Storage: path-style addressing when an endpoint URL is
+set, a ``Content-MD5`` header on every upload (which all three verify, refusing a corrupted
+body), no SDK-default flexible checksums (some S3-compatible servers refuse them), short timeouts
+and few retries (the deployer retries on its own). Credentials come from boto3's usual chain and
+never appear in an error message or in object metadata; the only metadata is the sha256.
+
+The bucket is never created implicitly; ``ensure_bucket()`` does it on request (tests, dev).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from service.settings import Settings
+from service.statestores.base import StateStoreError, StoredState
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def _short(op: str, exc: Exception) -> str:
+    """A short, credential-free message for a boto error."""
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        text = f"{code}: {err.get('Message') or ''}".rstrip(": ")
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = _USERINFO.sub("", text)
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"s3 {op} failed ({text})"
+
+
+def _client_config(
+    endpoint_url: str | None,
+    connect_timeout: float,
+    read_timeout: float,
+    max_attempts: int,
+    addressing_style: str | None,
+) -> Config:
+    style = addressing_style or ("path" if endpoint_url else None)
+    options: dict[str, Any] = {
+        "connect_timeout": connect_timeout,
+        "read_timeout": read_timeout,
+        "retries": {"total_max_attempts": max_attempts, "mode": "standard"},
+        "user_agent_extra": "tfdeploy",
+    }
+    if style:
+        options["s3"] = {"addressing_style": style}
+    # botocore >= 1.36 adds CRC32 checksums (aws-chunked uploads) by default; several
+    # S3-compatible stores refuse them. We send Content-MD5 ourselves instead.
+    for name in ("request_checksum_calculation", "response_checksum_validation"):
+        if name in Config.OPTION_DEFAULTS:
+            options[name] = "when_required"
+    return Config(**options)
+
+
+class S3StateStore:
+    name = "s3"
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: Any = None,
+        *,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+        max_attempts: int = 2,
+        addressing_style: str | None = None,
+    ) -> None:
+        if not settings.s3_bucket:
+            raise StateStoreError("TFDEPLOY_S3_BUCKET is required for the s3 state store")
+        self.bucket = settings.s3_bucket
+        self.prefix = settings.s3_prefix.strip("/")
+        self.region = settings.s3_region
+        if client is None:
+            client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=settings.s3_endpoint_url or None,
+                region_name=settings.s3_region or None,
+                config=_client_config(
+                    settings.s3_endpoint_url,
+                    connect_timeout,
+                    read_timeout,
+                    max_attempts,
+                    addressing_style,
+                ),
+            )
+        self.client = client
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def key(self, workspace: str, version: int) -> str:
+        if not workspace or any(p in ("", ".", "..") for p in workspace.split("/")):
+            raise StateStoreError(f"workspace name {workspace!r} cannot be an S3 key")
+        tail = f"{workspace}/{version:08d}.tfstate"
+        return f"{self.prefix}/{tail}" if self.prefix else tail
+
+    def location(self, workspace: str, version: int) -> str:
+        return f"s3://{self.bucket}/{self.key(workspace, version)}"
+
+    def _parse(self, workspace: str, version: int, location: str) -> tuple[str, str]:
+        """Bucket and key: from the recorded location (so a later prefix change still reads old
+        versions), else from the settings."""
+        if location.startswith("s3://"):
+            bucket, _, key = location[5:].partition("/")
+            if bucket and key:
+                return bucket, key
+        return self.bucket, self.key(workspace, version)
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def put(self, workspace: str, version: int, content: bytes, sha256: str) -> StoredState:
+        if hashlib.sha256(content).hexdigest() != sha256:
+            raise StateStoreError("state content does not match its sha256")
+        key = self.key(workspace, version)
+        await self._call(f"put {key}", self._put_sync, key, content, sha256)
+        return StoredState(store=self.name, location=f"s3://{self.bucket}/{key}")
+
+    def _put_sync(self, key: str, content: bytes, sha256: str) -> None:
+        md5 = base64.b64encode(hashlib.md5(content, usedforsecurity=False).digest()).decode()
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=content,
+            ContentType="application/json",
+            ContentMD5=md5,
+            Metadata={"sha256": sha256},
+        )
+        head = self.client.head_object(Bucket=self.bucket, Key=key)
+        size = head.get("ContentLength")
+        stored_sha = (head.get("Metadata") or {}).get("sha256")
+        if size != len(content) or stored_sha != sha256:
+            raise StateStoreError(
+                f"s3 put verification failed for {key}: stored size {size} sha256 {stored_sha}, "
+                f"expected {len(content)} {sha256}"
+            )
+
+    async def get(self, workspace: str, version: int, location: str) -> bytes:
+        bucket, key = self._parse(workspace, version, location)
+        content: bytes = await self._call(f"get {key}", self._get_sync, bucket, key)
+        return content
+
+    def _get_sync(self, bucket: str, key: str) -> bytes:
+        resp = self.client.get_object(Bucket=bucket, Key=key)
+        with resp["Body"] as body:
+            content: bytes = body.read()
+        expected = (resp.get("Metadata") or {}).get("sha256")
+        actual = hashlib.sha256(content).hexdigest()
+        if expected is None:
+            raise StateStoreError(f"s3 object {key} has no sha256 metadata")
+        if actual != expected:
+            raise StateStoreError(
+                f"s3 object {key} is corrupted (sha256 {actual}, expected {expected})"
+            )
+        return content
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (tests, ``tfdeploy up`` dev setups only)."""
+        await self._call(f"create bucket {self.bucket}", self._ensure_bucket_sync)
+
+    def _ensure_bucket_sync(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status != 404 and exc.response.get("Error", {}).get("Code") not in (
+                "404",
+                "NoSuchBucket",
+            ):
+                raise
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        region = self.region or self.client.meta.region_name
+        if region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self.client.create_bucket(**kwargs)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+                raise
+
+    async def _call(self, op: str, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except StateStoreError:
+            raise
+        except (BotoCoreError, ClientError) as exc:
+            raise StateStoreError(_short(op, exc)) from exc
