@@ -30,7 +30,7 @@ from service.api.health import HealthController
 from service.api.workspaces import WorkspaceController
 from service.services import Services
 from service.statestores import StateStore, make_state_store
-from service.validation import warm_up
+from service.validation import body_limit, warm_up
 
 API_VERSION = "1"
 
@@ -88,7 +88,7 @@ def create_app(
         openapi_config=openapi_config(),
         # The deploy handler enforces the same limit itself, with its own message; this one
         # guards every other route.
-        request_max_body_size=services.settings.max_request_bytes,
+        request_max_body_size=body_limit(services.settings.max_request_bytes),
         # Build python-hcl2's parser before the first request rather than during it.
         on_startup=[warm_up],
         on_shutdown=[on_shutdown] if on_shutdown else [],
