@@ -1,0 +1,319 @@
+"""One attempt of a deploy, start to end: the worker's side of the lifecycle.
+
+wait for a slot under the cap -> ``Started`` -> terraform runs (output into the log store) ->
+the state it left is persisted -> the outcome goes to the decider (``Succeeded``, ``Failed`` +
+``Retried``, ``Cancelled``) -> if the state cannot be persisted, destroy what the apply made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import socket
+import os
+from typing import Any
+
+from service import store
+from service.deploys import Deploys, NotFound
+from service.lifecycle import (
+    AttemptFailed,
+    AttemptInterrupted,
+    AttemptSucceeded,
+    IllegalTransition,
+    PersistedState,
+    StartAttempt,
+    StateNotPersisted,
+    fold,
+)
+from service.logs import append_lines
+from service.queries import q
+from service.runners.base import Runner, RunnerError, RunRequest, RunResult
+from service.secrets import Masker, SecretBox
+from service.settings import Settings
+from service.statestores import index, put_with_retries
+from service.statestores.base import StateStore, StateStoreError
+
+log = logging.getLogger("tfdeploy.deployer")
+
+CANCEL_POLL_SECONDS = 1.0
+LOG_FLUSH_SECONDS = 0.1
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class LogWriter:
+    """Buffers terraform's output and writes it in small batches, masked, in order."""
+
+    def __init__(self, pool: Any, deploy_id: str, attempt: int, masker: Masker) -> None:
+        self.pool, self.deploy_id, self.attempt, self.masker = pool, deploy_id, attempt, masker
+        self._buffer: list[tuple[str, str]] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._task = asyncio.create_task(self._flusher())
+
+    async def line(self, stream: str, text: str) -> None:
+        self._buffer.append((stream, self.masker.mask(text.rstrip("\n"))))
+        self._wake.set()
+
+    async def _flush(self) -> None:
+        while self._buffer:
+            batch, self._buffer = self._buffer, []
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    # Consecutive lines of one stream go in one call.
+                    for stream, group in itertools.groupby(batch, key=lambda x: x[0]):
+                        lines = [text for _, text in group]
+                        await append_lines(conn, self.deploy_id, self.attempt, stream, lines)
+            except Exception:  # a log outage must not fail the deploy; keep the lines
+                self._buffer[:0] = batch
+                log.exception("log write failed for %s; will retry", self.deploy_id)
+                await asyncio.sleep(1)
+                if self._closed:
+                    return
+
+    async def _flusher(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+            await asyncio.sleep(LOG_FLUSH_SECONDS)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._flush()
+
+
+class Deployer:
+    def __init__(
+        self,
+        settings: Settings,
+        deploys: Deploys,
+        runner: Runner,
+        state_store: StateStore,
+        secret_box: SecretBox,
+        *,
+        worker_name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.deploys = deploys
+        self.pool = deploys.pool
+        self.runner = runner
+        self.state_store = state_store
+        self.box = secret_box
+        self.worker = worker_name or default_worker_name()
+        self.actor = f"worker:{self.worker}"
+
+    # ------------------------------------------------------------ entry point
+
+    async def handle(self, deploy_id: str, attempt: int) -> None:
+        """Run ``attempt`` of ``deploy_id`` if it is still wanted; a stale job does nothing."""
+        async with self.pool.connection() as conn:
+            stream = await store.read_stream(conn, deploy_id)
+        state = fold(e.event for e in stream)
+        if state.phase != "queued" or state.next_attempt != attempt:
+            log.info("skipping job for %s attempt %s: deploy is %s", deploy_id, attempt, state.phase)
+            return
+        request = await self._prepare(deploy_id, attempt, state.workspace, state.action)
+        try:
+            slot = await self.runner.acquire_slot(request)
+        except RunnerError as exc:
+            # Without a runner there is no attempt; count it as one so the budget bounds it.
+            await self._start_and_fail(deploy_id, "runner_error", str(exc))
+            return
+        try:
+            await self.deploys.execute(
+                deploy_id, StartAttempt(runner=self.runner.name, worker=self.worker), self.actor
+            )
+        except (IllegalTransition, NotFound):
+            await slot.release()  # cancelled while it waited for a slot
+            return
+        except BaseException:
+            await slot.release()
+            raise
+        await self._run_started(deploy_id, request, slot)
+
+    async def _start_and_fail(self, deploy_id: str, reason: str, message: str) -> None:
+        with contextlib.suppress(IllegalTransition):
+            await self.deploys.execute(
+                deploy_id, StartAttempt(runner=self.runner.name, worker=self.worker), self.actor
+            )
+            await self.deploys.execute(
+                deploy_id,
+                AttemptFailed(reason=reason, message=message, retry_delay=self.settings.retry_delay),
+                self.actor,
+            )
+
+    async def _prepare(self, deploy_id: str, attempt: int, workspace: str, action: str) -> RunRequest:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(q("get_inputs"), {"deploy_id": deploy_id})
+            files, variables, _ = await cur.fetchone()  # type: ignore[misc]
+            cur = await conn.execute(q("get_secrets"), {"deploy_id": deploy_id})
+            row = await cur.fetchone()
+            latest = await index.latest(conn, workspace)
+        secrets = self.box.decrypt(bytes(row[0])) if row else {}
+        start_state = None
+        if latest is not None:
+            start_state = await self.state_store.get(workspace, latest.version, latest.location)
+        return RunRequest(
+            deploy_id=deploy_id,
+            attempt=attempt,
+            workspace=workspace,
+            action=action,  # type: ignore[arg-type]
+            files=files,
+            state=start_state,
+            variables=variables,
+            secrets=secrets,
+            timeout=self.settings.deploy_timeout,
+        )
+
+    # ------------------------------------------------------------ the attempt
+
+    async def _run_started(self, deploy_id: str, request: RunRequest, slot: Any) -> None:
+        masker = Masker(request.secrets)
+        writer = LogWriter(self.pool, deploy_id, request.attempt, masker)
+        cancel = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_cancel(deploy_id, cancel))
+        try:
+            try:
+                result = await self.runner.run(slot, writer.line, cancel)
+            except RunnerError as exc:
+                await writer.line("system", f"runner error: {exc}")
+                result = RunResult(exit_code=-1, state=None, error=str(exc))
+                reason = "runner_error"
+            else:
+                reason = "timeout" if result.timed_out else "apply_failed"
+            await self._conclude(deploy_id, request, result, reason, writer, masker)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await writer.close()
+
+    async def _watch_cancel(self, deploy_id: str, cancel: asyncio.Event) -> None:
+        while not cancel.is_set():
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
+            with contextlib.suppress(Exception):
+                view = await self.deploys.get(deploy_id)
+                if view is not None and view.cancel_requested:
+                    cancel.set()
+
+    async def _conclude(
+        self,
+        deploy_id: str,
+        request: RunRequest,
+        result: RunResult,
+        reason: str,
+        writer: LogWriter,
+        masker: Masker,
+    ) -> None:
+        ok = result.exit_code == 0 and not result.interrupted and not result.timed_out
+        persisted: PersistedState | None = None
+        changed = result.state is not None and (
+            ok or request.state is None or _sha(result.state) != _sha(request.state)
+        )
+        if changed:
+            assert result.state is not None
+            try:
+                persisted = await self._persist(deploy_id, request, result.state)
+            except (StateStoreError, ValueError) as exc:
+                await writer.line("system", f"state could not be persisted: {exc}")
+                await self._destroy_unkept(deploy_id, request, result.state, str(exc), writer)
+                return
+        error = masker.mask(result.error or f"terraform exited with {result.exit_code}")
+        if result.interrupted:
+            command: Any = AttemptInterrupted(state=persisted)
+        elif ok:
+            assert persisted is not None
+            command = AttemptSucceeded(state=persisted)
+        else:
+            command = AttemptFailed(
+                reason=reason,
+                message=error[-2000:],
+                exit_code=result.exit_code,
+                state=persisted,
+                retry_delay=self.settings.retry_delay,
+            )
+        try:
+            await self.deploys.execute(deploy_id, command, self.actor)
+        except IllegalTransition:
+            log.warning("outcome of %s no longer applies: %s", deploy_id, command)
+
+    async def _persist(self, deploy_id: str, request: RunRequest, content: bytes) -> PersistedState:
+        serial, lineage, sha256, size = index.state_meta(content)
+        workspace = request.workspace
+        async with self.pool.connection() as conn:
+            version = await index.next_version(conn, workspace)
+        stored = await put_with_retries(self.state_store, workspace, version, content, sha256)
+        async with self.pool.connection() as conn, conn.transaction():
+            await index.record_version(
+                conn, workspace, version, deploy_id, request.attempt, stored, serial, lineage, sha256, size
+            )
+        return PersistedState(
+            workspace=workspace,
+            store=stored.store,
+            location=stored.location,
+            serial=serial,
+            lineage=lineage,
+            sha256=sha256,
+            size=size,
+            state_version=version,
+        )
+
+    async def _destroy_unkept(
+        self, deploy_id: str, request: RunRequest, state: bytes, why: str, writer: LogWriter
+    ) -> None:
+        """The apply made resources whose state we cannot keep: destroy them with the state in
+        hand. If that fails too, keep the state in PostgreSQL so nothing is lost track of."""
+        destroy = RunRequest(
+            deploy_id=request.deploy_id,
+            attempt=request.attempt,
+            workspace=request.workspace,
+            action="destroy",
+            files=request.files,
+            state=state,
+            variables=request.variables,
+            secrets=request.secrets,
+            timeout=self.settings.deploy_timeout,
+        )
+        destroyed, message = False, ""
+        try:
+            slot = await self.runner.acquire_slot(destroy)
+            await writer.line("system", "destroying what the apply created")
+            outcome = await self.runner.run(slot, writer.line, asyncio.Event())
+            destroyed = outcome.exit_code == 0
+            message = "" if destroyed else (outcome.error or f"destroy exited with {outcome.exit_code}")
+        except RunnerError as exc:
+            message = f"destroy could not run: {exc}"
+        rescue_location, rescue_sha = None, ""
+        if not destroyed:
+            rescue_sha = _sha(state)
+            async with self.pool.connection() as conn, conn.transaction():
+                rescue_location = await index.save_emergency(
+                    conn, request.workspace, deploy_id, request.attempt, state, rescue_sha,
+                    f"state not persisted ({why}); destroy failed ({message})",
+                )
+            await writer.line("system", f"destroy failed; state kept at {rescue_location}")
+        command = StateNotPersisted(
+            message=f"the state could not be persisted: {why}",
+            destroyed=destroyed,
+            destroy_message=message[-2000:],
+            rescue_location=rescue_location,
+            rescue_sha256=rescue_sha,
+        )
+        try:
+            await self.deploys.execute(deploy_id, command, self.actor)
+        except IllegalTransition:
+            log.error("could not record the state failure of %s", deploy_id)
+
+
+def _sha(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()

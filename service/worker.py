@@ -1,0 +1,79 @@
+"""The worker process: procrastinate's worker running ``Deployer.handle``, supervised.
+
+procrastinate's worker stops when its database connection drops; the supervisor starts it again
+with a growing pause, so a PostgreSQL restart costs a short pause, not the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from service.deployer import Deployer, default_worker_name
+from service.queue import QUEUE_NAME
+from service.runners import make_runner
+from service.services import Services
+from service.statestores import make_state_store
+
+log = logging.getLogger("tfdeploy.worker")
+
+RESTART_PAUSE_MAX = 10.0
+
+
+class Worker:
+    def __init__(self, services: Services, *, name: str | None = None, runner=None, state_store=None) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.name = name or default_worker_name()
+        self.runner = runner or make_runner(self.settings)
+        self.state_store = state_store or make_state_store(self.settings, services.pool)
+        self.deployer = Deployer(
+            self.settings,
+            services.deploys,
+            self.runner,
+            self.state_store,
+            services.extras["secret_box"],
+            worker_name=self.name,
+        )
+        services.queue.set_handler(self.deployer.handle)
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        """Run until ``stop()``; restart procrastinate's worker whenever it dies."""
+        pause = 0.5
+        while not self._stopping.is_set():
+            worker_task = asyncio.create_task(
+                self.services.queue.app.run_worker_async(
+                    queues=[QUEUE_NAME],
+                    name=self.name,
+                    concurrency=self.settings.max_concurrency,
+                    install_signal_handlers=False,
+                    listen_notify=True,
+                    fetch_job_polling_interval=1.0,
+                    delete_jobs="successful",
+                    shutdown_graceful_timeout=self.settings.deploy_timeout,
+                )
+            )
+            stop_task = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait({worker_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if stop_task in done:
+                worker_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await worker_task
+                break
+            stop_task.cancel()
+            exc = worker_task.exception() if not worker_task.cancelled() else None
+            log.warning("queue worker stopped (%s); restarting in %.1fs", exc, pause)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=pause)
+            except TimeoutError:
+                pass
+            pause = min(pause * 2, RESTART_PAUSE_MAX)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        await self.runner.close()
+
