@@ -54,13 +54,23 @@ class LogWriter:
         self._buffer: list[tuple[str, str]] = []
         self._wake = asyncio.Event()
         self._closed = False
+        self._lock = asyncio.Lock()  # one flush at a time keeps lines in order
         self._task = asyncio.create_task(self._flusher())
 
     async def line(self, stream: str, text: str) -> None:
         self._buffer.append((stream, self.masker.mask(text.rstrip("\n"))))
         self._wake.set()
 
+    async def flush(self) -> None:
+        """Write every buffered line now: called before an outcome event is appended, so a
+        deploy's output precedes the event that ends its attempt."""
+        await self._flush()
+
     async def _flush(self) -> None:
+        async with self._lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
         while self._buffer:
             batch, self._buffer = self._buffer, []
             try:
@@ -242,6 +252,7 @@ class Deployer:
                 state=persisted,
                 retry_delay=self.settings.retry_delay,
             )
+        await writer.flush()
         try:
             await self.deploys.execute(deploy_id, command, self.actor)
         except IllegalTransition:
@@ -302,6 +313,7 @@ class Deployer:
                     f"state not persisted ({why}); destroy failed ({message})",
                 )
             await writer.line("system", f"destroy failed; state kept at {rescue_location}")
+        await writer.flush()
         command = StateNotPersisted(
             message=f"the state could not be persisted: {why}",
             destroyed=destroyed,

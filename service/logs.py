@@ -3,7 +3,9 @@
 ``seq`` numbers a deploy's lines 1, 2, 3, ... without gaps between committed lines. Appends take
 a per-deploy transaction-scoped advisory lock, then read ``max(seq)`` in a second statement (under
 READ COMMITTED that statement's snapshot is taken after the lock is held), so concurrent writers
-of one deploy never compute the same ``seq``. Every insert fires ``deploy_logs_notify`` (migration
+of one deploy never compute the same ``seq``. Event appends take the same per-deploy lock
+(service.store.append), so ``after_version`` (the deploy's last event version when a line was
+written) places every line exactly among the events, and commit order agrees with it. Every insert fires ``deploy_logs_notify`` (migration
 0003), which wakes the SSE streams.
 """
 
@@ -28,10 +30,11 @@ LOCK_DEPLOY_LOG = "SELECT pg_advisory_xact_lock(%(lock_class)s, hashtext(%(deplo
 
 # Append lines after the deploy's last seq, in the given order.
 APPEND_LINES = """
-INSERT INTO deploy_logs (deploy_id, seq, attempt, stream, line)
+INSERT INTO deploy_logs (deploy_id, seq, attempt, stream, line, after_version)
 SELECT %(deploy_id)s::uuid,
        (SELECT coalesce(max(seq), 0) FROM deploy_logs WHERE deploy_id = %(deploy_id)s::uuid) + l.n,
-       %(attempt)s, %(stream)s, l.line
+       %(attempt)s, %(stream)s, l.line,
+       (SELECT coalesce(max(version), 0) FROM events WHERE deploy_id = %(deploy_id)s::uuid)
 FROM unnest(%(lines)s::text[]) WITH ORDINALITY AS l(line, n)
 ORDER BY l.n
 RETURNING seq
@@ -39,7 +42,7 @@ RETURNING seq
 
 # A deploy's lines after a seq, in order.
 READ_LINES = """
-SELECT deploy_id, seq, attempt, stream, line, recorded_at
+SELECT deploy_id, seq, attempt, stream, line, recorded_at, after_version
 FROM deploy_logs
 WHERE deploy_id = %(deploy_id)s::uuid AND seq > %(after_seq)s
 ORDER BY seq
@@ -54,6 +57,7 @@ class LogLine(msgspec.Struct, frozen=True, kw_only=True):
     stream: str
     line: str
     recorded_at: datetime
+    after_version: int = 0  # the deploy's last event version when the line was written
 
 
 async def append_lines(

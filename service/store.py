@@ -83,6 +83,7 @@ async def append(
     # Serialise appends: positions then commit in the order they were taken, so a reader of
     # the global feed that saw position N never later finds a smaller one committing.
     await conn.execute(q("lock_appends"))
+    await conn.execute(q("lock_deploy"), {"deploy_id": deploy_id})
     rows = await _rows(conn, "stream_version", {"deploy_id": deploy_id})
     actual = rows[0]["version"]
     if actual != expected_version:

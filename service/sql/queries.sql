@@ -5,6 +5,11 @@
 -- Serialise appends for the rest of the transaction so global positions commit in order.
 SELECT pg_advisory_xact_lock(7310002);
 
+-- lock_deploy --
+-- Serialise a deploy's event appends with its log writes (service.logs uses the same lock), so
+-- a log line's after_version is exact.
+SELECT pg_advisory_xact_lock(7310004, hashtext(%(deploy_id)s::text));
+
 -- stream_version --
 -- The current version of a deploy's stream (0 when it has no events).
 SELECT coalesce(max(version), 0) AS version FROM events WHERE deploy_id = %(deploy_id)s;
