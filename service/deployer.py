@@ -165,7 +165,7 @@ class Deployer:
     async def _prepare(self, deploy_id: str, attempt: int, workspace: str, action: str) -> RunRequest:
         async with self.pool.connection() as conn:
             cur = await conn.execute(q("get_inputs"), {"deploy_id": deploy_id})
-            files, variables, _ = await cur.fetchone()  # type: ignore[misc]
+            files, variables, _ = await cur.fetchone()
             cur = await conn.execute(q("get_secrets"), {"deploy_id": deploy_id})
             row = await cur.fetchone()
             latest = await index.latest(conn, workspace)

@@ -32,7 +32,7 @@ def find_bindir() -> Path:
         if c and (Path(c) / "initdb").exists():
             return Path(c)
     try:
-        from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-untyped]
+        from pgserver._commands import POSTGRES_BIN_PATH
 
         return Path(POSTGRES_BIN_PATH)
     except ImportError as exc:  # pragma: no cover - pgserver is a dependency

@@ -18,7 +18,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid
     pass
 
 
-class Requested(_Event, tag="Requested"):
+class Requested(_Event, frozen=True, kw_only=True, tag="Requested"):
     workspace: str
     action: Action
     max_attempts: int
@@ -28,13 +28,13 @@ class Requested(_Event, tag="Requested"):
     secret_names: list[str] = []
 
 
-class Started(_Event, tag="Started"):
+class Started(_Event, frozen=True, kw_only=True, tag="Started"):
     attempt: int
     runner: str = ""
     worker: str = ""
 
 
-class StatePersisted(_Event, tag="StatePersisted"):
+class StatePersisted(_Event, frozen=True, kw_only=True, tag="StatePersisted"):
     attempt: int
     workspace: str
     store: str  # "postgres" | "s3" | "postgres-emergency"
@@ -46,7 +46,7 @@ class StatePersisted(_Event, tag="StatePersisted"):
     state_version: int  # this workspace's state version number, 1, 2, ...
 
 
-class Failed(_Event, tag="Failed"):
+class Failed(_Event, frozen=True, kw_only=True, tag="Failed"):
     attempt: int
     reason: str  # apply_failed | timeout | runner_error | state_not_persisted | worker_lost | ...
     message: str = ""
@@ -56,14 +56,14 @@ class Failed(_Event, tag="Failed"):
     final: bool = True
 
 
-class Retried(_Event, tag="Retried"):
+class Retried(_Event, frozen=True, kw_only=True, tag="Retried"):
     attempt: int  # the attempt that will run next
     max_attempts: int  # the budget after this event (an admin replay extends it)
     by: Literal["worker", "admin"] = "worker"
     delay_seconds: float = 0.0
 
 
-class Destroyed(_Event, tag="Destroyed"):
+class Destroyed(_Event, frozen=True, kw_only=True, tag="Destroyed"):
     """The resources an attempt created were destroyed because its state could not be kept."""
 
     attempt: int
@@ -71,7 +71,7 @@ class Destroyed(_Event, tag="Destroyed"):
     message: str = ""
 
 
-class StateRescued(_Event, tag="StateRescued"):
+class StateRescued(_Event, frozen=True, kw_only=True, tag="StateRescued"):
     """The state could neither be persisted normally nor destroyed: an emergency copy holds it."""
 
     attempt: int
@@ -80,15 +80,15 @@ class StateRescued(_Event, tag="StateRescued"):
     message: str = ""
 
 
-class Succeeded(_Event, tag="Succeeded"):
+class Succeeded(_Event, frozen=True, kw_only=True, tag="Succeeded"):
     attempt: int
 
 
-class CancelRequested(_Event, tag="CancelRequested"):
+class CancelRequested(_Event, frozen=True, kw_only=True, tag="CancelRequested"):
     by: str
 
 
-class Cancelled(_Event, tag="Cancelled"):
+class Cancelled(_Event, frozen=True, kw_only=True, tag="Cancelled"):
     by: str
     attempt: int | None = None  # the attempt that was interrupted, if one ran
 

@@ -92,7 +92,7 @@ class PersistedState(msgspec.Struct, frozen=True, kw_only=True):
     state_version: int
 
 
-class RequestDeploy(_Command):
+class RequestDeploy(_Command, frozen=True, kw_only=True):
     workspace: str
     action: Action
     max_attempts: int
@@ -102,16 +102,16 @@ class RequestDeploy(_Command):
     secret_names: list[str] = []
 
 
-class StartAttempt(_Command):
+class StartAttempt(_Command, frozen=True, kw_only=True):
     runner: str = ""
     worker: str = ""
 
 
-class AttemptSucceeded(_Command):
+class AttemptSucceeded(_Command, frozen=True, kw_only=True):
     state: PersistedState
 
 
-class AttemptFailed(_Command):
+class AttemptFailed(_Command, frozen=True, kw_only=True):
     reason: str
     message: str = ""
     exit_code: int | None = None
@@ -119,7 +119,7 @@ class AttemptFailed(_Command):
     retry_delay: float = 0.0  # the base delay; it grows per attempt
 
 
-class StateNotPersisted(_Command):
+class StateNotPersisted(_Command, frozen=True, kw_only=True):
     """Apply succeeded but the state store refused; the shell then tried to destroy."""
 
     message: str
@@ -129,17 +129,17 @@ class StateNotPersisted(_Command):
     rescue_sha256: str = ""
 
 
-class AttemptInterrupted(_Command):
+class AttemptInterrupted(_Command, frozen=True, kw_only=True):
     """The runner stopped terraform because a cancel was requested."""
 
     state: PersistedState | None = None
 
 
-class Cancel(_Command):
+class Cancel(_Command, frozen=True, kw_only=True):
     by: str
 
 
-class Replay(_Command):
+class Replay(_Command, frozen=True, kw_only=True):
     by: str
     budget: int  # attempts granted afresh
 
@@ -224,7 +224,8 @@ def fold(events: Iterable[Event], state: DeployState = INITIAL) -> DeployState:
 
 def retry_delay(base: float, failed_attempt: int) -> float:
     """The wait before the attempt after ``failed_attempt``: base, 2*base, 4*base, ..."""
-    return min(base * (2 ** max(failed_attempt - 1, 0)), MAX_RETRY_DELAY)
+    delay: float = base * 2.0 ** max(failed_attempt - 1, 0)
+    return min(delay, MAX_RETRY_DELAY)
 
 
 def _refuse(state: DeployState, what: str) -> IllegalTransition:
@@ -299,11 +300,11 @@ def decide(command: Command, state: DeployState) -> list[Event]:
         case StateNotPersisted():
             if state.phase != "running":
                 raise _refuse(state, "record a state failure for")
-            events: list[Event] = []
+            outcome: list[Event] = []
             if command.destroyed:
-                events.append(Destroyed(attempt=state.attempt, message=command.destroy_message))
+                outcome.append(Destroyed(attempt=state.attempt, message=command.destroy_message))
             elif command.rescue_location is not None:
-                events.append(
+                outcome.append(
                     StateRescued(
                         attempt=state.attempt,
                         location=command.rescue_location,
@@ -311,7 +312,7 @@ def decide(command: Command, state: DeployState) -> list[Event]:
                         message=command.destroy_message,
                     )
                 )
-            events.append(
+            outcome.append(
                 Failed(
                     attempt=state.attempt,
                     reason="state_not_persisted",
@@ -319,7 +320,7 @@ def decide(command: Command, state: DeployState) -> list[Event]:
                     final=True,
                 )
             )
-            return events
+            return outcome
 
         case AttemptInterrupted():
             if state.phase != "running" or not state.cancel_requested:

@@ -80,11 +80,12 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: object) -> S
     env = os.environ if environ is None else environ
     raw: dict[str, object] = {}
     for name in _FIELDS:
-        value = env.get(PREFIX + name.upper())
-        if value is not None and value != "":
-            raw[name] = value
+        text = env.get(PREFIX + name.upper())
+        if text is not None and text != "":
+            raw[name] = text
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    for name, value in raw.items():
+    for name, given in raw.items():
+        value = given
         # One field at a time so the error names the variable, not a JSON path.
         try:
             msgspec.convert({name: value}, type=_single(name), strict=False)

@@ -12,9 +12,9 @@ import logging
 
 from service.deployer import Deployer, default_worker_name
 from service.queue import QUEUE_NAME
-from service.runners import make_runner
+from service.runners import Runner, make_runner
 from service.services import Services
-from service.statestores import make_state_store
+from service.statestores import StateStore, make_state_store
 
 log = logging.getLogger("tfdeploy.worker")
 
@@ -22,7 +22,14 @@ RESTART_PAUSE_MAX = 10.0
 
 
 class Worker:
-    def __init__(self, services: Services, *, name: str | None = None, runner=None, state_store=None) -> None:
+    def __init__(
+        self,
+        services: Services,
+        *,
+        name: str | None = None,
+        runner: Runner | None = None,
+        state_store: StateStore | None = None,
+    ) -> None:
         self.services = services
         self.settings = services.settings
         self.name = name or default_worker_name()
