@@ -24,6 +24,9 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
 
     async def close(self) -> None:
+        hub = self.extras.pop("hub", None)  # the SSE streams' LISTEN connection (service.notify)
+        if hub is not None:
+            await hub.close()
         await self.queue.close()
         await self.pool.close()
 

@@ -7,6 +7,9 @@ Dependencies every handler may declare:
 - ``services``: the ``Services`` instance;
 - ``principal``: the authenticated caller (401 when missing or invalid);
 - ``state_store``: the configured tfstate store.
+
+The SSE routes (service.api.streams) share the process's LISTEN hub (service.notify), kept in
+``services.extras["hub"]``: started on the first stream, closed on the app's shutdown.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from service.api.deploys import DeployController
 from service.api.errors import EXCEPTION_HANDLERS
 from service.api.events import EventController
 from service.api.health import HealthController
+from service.api.streams import STREAM_ROUTES, StreamOptions
+from service.api.web import WebController
 from service.api.workspaces import WorkspaceController
 from service.services import Services
 from service.statestores import StateStore, make_state_store
@@ -61,6 +66,7 @@ def create_app(
     *,
     extra_route_handlers: Sequence[ControllerRouterHandler] = (),
     on_shutdown: Callable[..., Any] | None = None,
+    stream_options: StreamOptions | None = None,
     debug: bool = False,
 ) -> Litestar:
     state_store = make_state_store(services.settings, services.pool)
@@ -71,12 +77,20 @@ def create_app(
     def provide_state_store() -> StateStore:
         return state_store
 
+    async def close_hub() -> None:
+        # The LISTEN connection of the SSE streams (a later stream would start it again).
+        hub = services.extras.get("hub")
+        if hub is not None:
+            await hub.close()
+
     return Litestar(
         route_handlers=[
             DeployController,
             WorkspaceController,
             EventController,
             HealthController,
+            *STREAM_ROUTES,
+            WebController,
             *extra_route_handlers,
         ],
         dependencies={
@@ -91,7 +105,13 @@ def create_app(
         request_max_body_size=body_limit(services.settings.max_request_bytes),
         # Build python-hcl2's parser before the first request rather than during it.
         on_startup=[warm_up],
-        on_shutdown=[on_shutdown] if on_shutdown else [],
-        state=State({"services": services, "state_store": state_store}),
+        on_shutdown=[close_hub, *([on_shutdown] if on_shutdown else [])],
+        state=State(
+            {
+                "services": services,
+                "state_store": state_store,
+                "stream_options": stream_options or StreamOptions(),
+            }
+        ),
         debug=debug,
     )
