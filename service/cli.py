@@ -93,6 +93,7 @@ async def _run(settings: Settings, url: str, *, api: bool, worker: bool, host: s
             server = _server(create_app(services), settings, host, port)
             tasks.append(asyncio.create_task(server.serve(), name="api"))
             stoppers.append(lambda: setattr(server, "should_exit", True))
+            stoppers.append(_close_event_streams)
             print(f"tfdeploy API on http://{host}:{port}/", file=sys.stderr)
         if worker:
             from service.worker import Worker
@@ -129,6 +130,14 @@ async def _run(settings: Settings, url: str, *, api: bool, worker: bool, host: s
                 loop.remove_signal_handler(sig)
             if wk is not None:
                 await wk.close()
+
+
+def _close_event_streams() -> None:
+    """End open SSE streams at once on shutdown, so their clients reconnect elsewhere instead
+    of holding the process for uvicorn's grace period."""
+    from sse_starlette.sse import AppStatus
+
+    AppStatus.should_exit = True
 
 
 async def _ensure_admin_token(services: Any, settings: Settings) -> None:
