@@ -144,11 +144,11 @@ class EmbeddedPostgres:
             )
             try:
                 self._check(
-                    self._cmd("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(log), "-o", opts)
+                    self._cmd("pg_ctl", "start", "-w", "-t", "120", "-D", str(self.pgdata), "-l", str(log), "-o", opts)
                 )
-            except EmbeddedPostgresError:
+            except EmbeddedPostgresError as exc:
                 tail = log.read_text()[-2000:] if log.exists() else ""
-                raise EmbeddedPostgresError(f"PostgreSQL did not start:\n{tail}") from None
+                raise EmbeddedPostgresError(f"PostgreSQL did not start: {exc}\n{tail}") from None
             self._started_here = True
         port_file.write_text(str(self.port))
         self._ensure_database()
@@ -177,8 +177,15 @@ class EmbeddedPostgres:
                 self._check(self._cmd("createdb", "-h", "127.0.0.1", "-p", str(self.port), DB_NAME))
 
     def stop(self, mode: str = "fast") -> None:
-        if self.running():
-            self._check(self._cmd("pg_ctl", "stop", "-w", "-m", mode, "-D", str(self.pgdata)))
+        if not (self.pgdata / "postmaster.pid").exists():
+            return
+        # Not guarded by running(): a status check can race with a server still coming up.
+        proc = subprocess.run(
+            self._cmd("pg_ctl", "stop", "-w", "-t", "120", "-m", mode, "-D", str(self.pgdata)),
+            capture_output=True, text=True, cwd="/",
+        )
+        if proc.returncode != 0 and (self.pgdata / "postmaster.pid").exists() and self.running():
+            raise EmbeddedPostgresError(f"pg_ctl stop failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
     def restart(self) -> None:
         self._check(self._cmd("pg_ctl", "restart", "-w", "-m", "fast", "-D", str(self.pgdata)))

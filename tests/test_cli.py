@@ -103,10 +103,10 @@ def test_up_embedded_serves_deploys_stops_cleanly_and_reuses_data(tmp_path):
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-    assert proc.returncode == 0
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
     pgdata = tmp_path / "data" / "postgres" / "pgdata"
-    assert not (pgdata / "postmaster.pid").exists()  # PostgreSQL stopped with it
+    assert not (pgdata / "postmaster.pid").exists(), err[-3000:]  # PostgreSQL stopped with it
 
     proc = start()
     try:
@@ -115,8 +115,8 @@ def test_up_embedded_serves_deploys_stops_cleanly_and_reuses_data(tmp_path):
         assert status == 200 and again["status"] == "succeeded"  # same data, same token
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-    assert proc.returncode == 0
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
 
 
 def test_tokens_migrate_rebuild_replay_and_events(database_url, tmp_path):
