@@ -1,0 +1,362 @@
+"""The local runner: terraform on this host, in a private temporary directory per attempt.
+
+The cap is ``max_concurrency`` lock files ``slot-<i>.lock`` under ``<data dir>/local-slots``:
+holding an exclusive ``flock`` on one is holding a slot. The kernel drops the locks of a process
+that dies, so a crash leaks nothing, and every runner on the host (any process) shares the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.runners._common import (
+    DEFAULT_GRACE,
+    LineSplitter,
+    OutputTail,
+    emit,
+    exit_code_of,
+    safe_relative_path,
+    tf_var_env,
+    validate_request,
+)
+from service.runners.base import LineSink, RunnerError, RunRequest, RunResult
+from service.settings import Settings
+
+log = logging.getLogger("tfdeploy.runner.local")
+
+# In-process wake-ups: slots dir -> events of the waiters there. Other processes' releases are
+# noticed by polling (a short, growing backoff).
+_waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+POLL_MIN, POLL_MAX = 0.05, 0.5
+
+# The only variables of the service's own environment that terraform gets (besides PATH):
+# where terraform's CLI config, provider cache and CA certificates are, and the HTTP proxy
+# (provider downloads). Everything else, the service's secrets included, stays out.
+PASS_THROUGH = (
+    "TF_CLI_CONFIG_FILE",
+    "TF_PLUGIN_CACHE_DIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+)
+PATH_VALUED = {"TF_CLI_CONFIG_FILE", "TF_PLUGIN_CACHE_DIR", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+
+
+def _notify(slots_dir: str) -> None:
+    for loop, event in list(_waiters.get(slots_dir, ())):
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(event.set)
+
+
+@dataclass(eq=False)
+class LocalSlot:
+    runner: LocalRunner
+    request: RunRequest
+    index: int
+    lock_fd: int
+    root: Path  # private temp dir (mode 700): config/ (terraform's cwd) and home/
+    _released: bool = field(default=False, repr=False)
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def home_dir(self) -> Path:
+        return self.root / "home"
+
+    async def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        try:
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, self.root, True))
+        finally:
+            os.close(self.lock_fd)  # gives the slot back
+            _notify(self.runner.slots_dir_key)
+
+
+@dataclass
+class _Current:
+    proc: asyncio.subprocess.Process | None = None
+    stopping: bool = False
+    timed_out: bool = False
+    interrupted: bool = False
+
+    def signal(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+
+class LocalRunner:
+    name = "local"
+
+    def __init__(
+        self, settings: Settings, *, terraform: str | None = None, grace: float = DEFAULT_GRACE
+    ) -> None:
+        self.settings = settings
+        self.grace = grace
+        self.terraform = (
+            terraform or os.environ.get("TFDEPLOY_TERRAFORM") or shutil.which("terraform")
+        )
+        self.slots_dir = settings.data_path / "local-slots"
+        self.slots_dir_key = str(self.slots_dir)
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def _slot_path(self, i: int) -> Path:
+        return self.slots_dir / f"slot-{i}.lock"
+
+    def _try_lock(self) -> tuple[int, int] | None:
+        self.slots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for i in range(self.settings.max_concurrency):
+            fd = os.open(self._slot_path(i), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            return i, fd
+        return None
+
+    async def running(self) -> int:
+        """Slots held on this host, by any process (probed with a shared non-blocking lock)."""
+
+        def count() -> int:
+            held = 0
+            for i in range(self.settings.max_concurrency):
+                path = self._slot_path(i)
+                if not path.exists():
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held += 1
+                finally:
+                    os.close(fd)
+            return held
+
+        return await asyncio.to_thread(count)
+
+    async def acquire_slot(self, request: RunRequest) -> LocalSlot:
+        validate_request(request)
+        if not self.terraform or not os.access(self.terraform, os.X_OK):
+            raise RunnerError("terraform not found (put it on PATH or set TFDEPLOY_TERRAFORM)")
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        waiter = (loop, event)
+        waiters = _waiters.setdefault(self.slots_dir_key, set())
+        waiters.add(waiter)
+        delay = POLL_MIN
+        try:
+            while True:
+                event.clear()
+                try:
+                    got = self._try_lock()
+                except OSError as exc:
+                    raise RunnerError(
+                        f"cannot use the slot locks in {self.slots_dir}: {exc}"
+                    ) from exc
+                if got is not None:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), delay)
+                delay = min(delay * 2, POLL_MAX)
+        finally:
+            waiters.discard(waiter)
+        index, fd = got
+        try:
+            root = await asyncio.to_thread(_prepare, request)
+        except BaseException:
+            os.close(fd)
+            _notify(self.slots_dir_key)
+            raise
+        return LocalSlot(self, request, index, fd, root)
+
+    # -- the run --------------------------------------------------------------------------
+
+    def _env(self, slot: LocalSlot) -> dict[str, str]:
+        """A minimal environment: nothing of the service's own (its secrets) is inherited."""
+        env = {
+            "PATH": os.environ.get("PATH") or os.defpath,
+            "HOME": str(slot.home_dir),
+            "TMPDIR": str(slot.home_dir),
+            "LANG": "C.UTF-8",
+            "CHECKPOINT_DISABLE": "1",
+            "TF_IN_AUTOMATION": "1",
+        }
+        for name in PASS_THROUGH:
+            value = os.environ.get(name)
+            if value and (name not in PATH_VALUED or os.path.exists(value)):
+                env[name] = value
+        env.update(tf_var_env(slot.request))
+        return env
+
+    async def run(self, slot: Any, on_line: LineSink, cancel: asyncio.Event) -> RunResult:
+        if not isinstance(slot, LocalSlot):
+            raise TypeError("LocalRunner.run needs a LocalSlot from its acquire_slot")
+        request = slot.request
+        started = time.monotonic()
+        tail = OutputTail()
+        current = _Current()
+        emit_lock = asyncio.Lock()
+
+        async def say(stream: str, line: str) -> None:
+            async with emit_lock:
+                tail.add(stream, line)
+                await emit(on_line, stream, line)
+
+        watchdog: asyncio.Task[None] | None = None
+        try:
+            if cancel.is_set():
+                await say("system", "cancelled before terraform started")
+                return RunResult(
+                    exit_code=130,
+                    state=request.state,
+                    interrupted=True,
+                    error="cancelled before start",
+                    duration=time.monotonic() - started,
+                )
+            env = self._env(slot)
+            watchdog = asyncio.create_task(self._watchdog(current, request.timeout, cancel, say))
+            exit_code = 0
+            for args in (
+                ["init", "-input=false", "-no-color"],
+                [request.action, "-auto-approve", "-input=false", "-no-color"],
+            ):
+                if current.stopping:
+                    exit_code = 130
+                    break
+                exit_code = await self._run_one(args, slot, env, say, current)
+                if exit_code != 0:
+                    break
+            watchdog.cancel()
+            state_path = slot.config_dir / "terraform.tfstate"
+            state = await asyncio.to_thread(_read_or_none, state_path)
+            return RunResult(
+                exit_code=exit_code,
+                state=state,
+                timed_out=current.timed_out,
+                interrupted=current.interrupted,
+                error=tail.error() if exit_code != 0 else "",
+                duration=time.monotonic() - started,
+            )
+        except OSError as exc:
+            raise RunnerError(f"could not run terraform: {exc}") from exc
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if current.proc is not None and current.proc.returncode is None:
+                current.signal(signal.SIGKILL)  # cancelled from outside: leave nothing behind
+            await slot.release()
+
+    async def _run_one(
+        self, args: list[str], slot: LocalSlot, env: dict[str, str], say: Any, current: _Current
+    ) -> int:
+        assert self.terraform
+        proc = await asyncio.create_subprocess_exec(
+            self.terraform,
+            *args,
+            cwd=slot.config_dir,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, for SIGINT to it and its children
+        )
+        current.proc = proc
+        if current.stopping:  # stopped while it was being started
+            current.signal(signal.SIGINT)
+        assert proc.stdout and proc.stderr
+        pumps = asyncio.gather(_pump(proc.stdout, "stdout", say), _pump(proc.stderr, "stderr", say))
+        try:
+            returncode = await proc.wait()
+        finally:
+            # Whatever terraform left in its group (a provisioner's stray child) goes too, or
+            # it would hold the pipes open.
+            current.signal(signal.SIGKILL)
+            try:
+                await asyncio.wait_for(asyncio.shield(pumps), 5)
+            except TimeoutError:
+                pumps.cancel()
+        return exit_code_of(returncode)
+
+    async def _watchdog(
+        self, current: _Current, limit: float, cancel: asyncio.Event, say: Any
+    ) -> None:
+        try:
+            await asyncio.wait_for(cancel.wait(), limit)
+            current.interrupted = True
+            why = "cancel requested"
+        except TimeoutError:
+            current.timed_out = True
+            why = f"timed out after {limit:g}s"
+        current.stopping = True
+        await say("system", f"{why}: interrupting terraform (SIGINT)")
+        current.signal(signal.SIGINT)
+        await asyncio.sleep(self.grace)
+        await say("system", f"terraform still running {self.grace:g}s after SIGINT: killing it")
+        current.signal(signal.SIGKILL)
+
+    async def close(self) -> None:
+        return None
+
+
+async def _pump(reader: asyncio.StreamReader, name: str, say: Any) -> None:
+    splitter = LineSplitter()
+    while data := await reader.read(65536):
+        for line in splitter.feed(data):
+            await say(name, line)
+    for line in splitter.flush():
+        await say(name, line)
+
+
+def _prepare(request: RunRequest) -> Path:
+    root = Path(tempfile.mkdtemp(prefix="tfdeploy-run-"))  # mode 700
+    try:
+        config = root / "config"
+        config.mkdir(mode=0o700)
+        (root / "home").mkdir(mode=0o700)
+        for name, content in request.files.items():
+            path = config / safe_relative_path(name)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(content)
+        if request.state is not None:
+            fd = os.open(config / "terraform.tfstate", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(request.state)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return root
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,717 @@
+"""The runners against real terraform and a real Docker engine (no mocks).
+
+Docker tests are marked ``docker`` and skip when no engine (or no runner image) answers; local
+tests skip when terraform is not on PATH."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from service import settings as settings_mod
+from service.runners import RunnerError, RunRequest, make_runner
+from service.runners._common import LineSplitter
+from service.runners.docker import SECRETS_FILE, TF_DIR, DockerRunner
+from service.runners.local import LocalRunner
+
+IMAGE = os.environ.get("TFDEPLOY_TEST_RUNNER_IMAGE", "local/terraform:1.11.4")
+
+WEB = """
+resource "terraform_data" "web" {
+  input = "v1"
+  provisioner "local-exec" {
+    command = "echo creating web"
+  }
+  provisioner "local-exec" {
+    when    = destroy
+    command = "echo destroying web"
+  }
+}
+"""
+
+FAILING = """
+resource "terraform_data" "bad" {
+  provisioner "local-exec" {
+    command = "echo about to fail; exit 3"
+  }
+}
+"""
+
+A_THEN_B = """
+variable "fail_b" {
+  type    = bool
+  default = true
+}
+resource "terraform_data" "a" {
+  provisioner "local-exec" {
+    command = "echo creating a"
+  }
+}
+resource "terraform_data" "b" {
+  depends_on = [terraform_data.a]
+  provisioner "local-exec" {
+    command = var.fail_b ? "echo b fails; exit 3" : "echo creating b"
+  }
+}
+"""
+
+SLOW = """
+resource "terraform_data" "slow" {
+  provisioner "local-exec" {
+    command = "echo slow-start; sleep 30; echo slow-end"
+  }
+}
+"""
+
+
+def concurrent_config(n: int) -> str:
+    return f"""
+resource "terraform_data" "c" {{
+  provisioner "local-exec" {{
+    command = "echo begin-{n}; sleep 2; echo end-{n}"
+  }}
+}}
+"""
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+def _docker_client():
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+        client.images.get(IMAGE)
+        return client
+    except Exception:
+        return None
+
+
+@pytest.fixture(scope="module")
+def docker_client():
+    client = _docker_client()
+    if client is None:
+        pytest.skip(f"no Docker engine answers (or image {IMAGE} is missing)")
+    yield client
+    client.close()
+
+
+def make_settings(tmp_path: Path, **overrides):
+    overrides.setdefault("max_concurrency", 4)
+    return settings_mod.from_env(
+        {}, runner_image=IMAGE, runner_network="none", data_dir=str(tmp_path), **overrides
+    )
+
+
+def unique_service() -> str:
+    """Docker tests label their containers ``tfdeploy.service=<this>``, not the default
+    ``tfdeploy``: the engine may be shared (with other test runs, a live service), and a label
+    of its own makes each test's cap its own, neither disturbed by nor disturbing others."""
+    return f"tfdeploy-test-{secrets.token_hex(4)}"
+
+
+def new_runner(kind: str, settings, service: str | None = None, **kwargs):
+    if kind == "docker":
+        return DockerRunner(settings, service_name=service or unique_service(), **kwargs)
+    return LocalRunner(settings, **kwargs)
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+def kind(request) -> str:
+    if request.param == "docker":
+        request.getfixturevalue("docker_client")
+    elif not (os.environ.get("TFDEPLOY_TERRAFORM") or shutil.which("terraform")):
+        pytest.skip("terraform is not on PATH")
+    return request.param
+
+
+@pytest.fixture
+async def runner(kind, tmp_path):
+    r = new_runner(kind, make_settings(tmp_path))
+    yield r
+    await r.close()
+
+
+class Run:
+    def __init__(self, result, lines):
+        self.result = result
+        self.lines = lines
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    @property
+    def state(self) -> dict:
+        assert self.result.state is not None, "no state returned"
+        return json.loads(self.result.state)
+
+    def resources(self) -> dict[str, dict]:
+        return {f"{r['type']}.{r['name']}": r for r in self.state["resources"]}
+
+
+async def run_tf(
+    runner,
+    files,
+    *,
+    action="apply",
+    state=None,
+    variables=None,
+    secrets=None,
+    timeout=120.0,  # noqa: ASYNC109 - the RunRequest's timeout, not this call's
+    cancel=None,
+    on_line=None,
+    deploy_id=None,
+) -> Run:
+    if isinstance(files, str):
+        files = {"main.tf": files}
+    request = RunRequest(
+        deploy_id=deploy_id or f"d-{secrets_token()}",
+        attempt=1,
+        workspace="ws",
+        action=action,
+        files=files,
+        state=state,
+        variables=variables or {},
+        secrets=secrets or {},
+        timeout=timeout,
+    )
+    lines: list[tuple[str, str]] = []
+
+    async def sink(stream: str, line: str) -> None:
+        lines.append((stream, line))
+        if on_line is not None:
+            await on_line(stream, line)
+
+    slot = await runner.acquire_slot(request)
+    result = await runner.run(slot, sink, cancel or asyncio.Event())
+    return Run(result, lines)
+
+
+def secrets_token() -> str:
+    return secrets.token_hex(4)
+
+
+def labelled_count(client, service: str) -> int:
+    """Straight from the Docker API: labelled containers not exited/dead (one being removed
+    counts only while it still runs: Docker shows any container being removed as "removing")."""
+    active = 0
+    for row in client.api.containers(all=True, filters={"label": f"tfdeploy.service={service}"}):
+        if row["State"] in ("exited", "dead"):
+            continue
+        if row["State"] == "removing":
+            try:
+                if not client.api.inspect_container(row["Id"])["State"]["Running"]:
+                    continue
+            except Exception:
+                continue
+        active += 1
+    return active
+
+
+# -- both runners ---------------------------------------------------------------------------
+
+
+async def test_apply_one_resource(runner):
+    run = await run_tf(runner, WEB)
+    assert run.result.exit_code == 0, run.text
+    assert run.result.error == ""
+    assert not run.result.timed_out and not run.result.interrupted
+    assert "terraform_data.web (local-exec): creating web" in run.text
+    assert "Terraform has been successfully initialized!" in run.text
+    assert "Apply complete! Resources: 1 added, 0 changed, 0 destroyed." in run.text
+    assert {s for s, _ in run.lines} <= {"stdout", "stderr", "system"}
+    assert list(run.resources()) == ["terraform_data.web"]
+    assert run.result.duration > 0
+
+
+async def test_rerun_from_state_creates_nothing(runner):
+    first = await run_tf(runner, WEB)
+    assert first.result.exit_code == 0, first.text
+    web_id = first.resources()["terraform_data.web"]["instances"][0]["attributes"]["id"]
+    second = await run_tf(runner, WEB, state=first.result.state)
+    assert second.result.exit_code == 0, second.text
+    assert "creating web" not in second.text
+    assert "No changes." in second.text
+    assert second.resources()["terraform_data.web"]["instances"][0]["attributes"]["id"] == web_id
+
+
+async def test_failing_config(runner):
+    run = await run_tf(runner, FAILING)
+    assert run.result.exit_code != 0
+    assert "exit status 3" in run.result.error
+    assert "local-exec provisioner error" in run.result.error
+    assert len(run.result.error.splitlines()) <= 20
+
+
+async def test_partial_failure_keeps_state_and_retry_does_not_recreate(runner):
+    first = await run_tf(runner, A_THEN_B)
+    assert first.result.exit_code != 0
+    assert "creating a" in first.text
+    resources = first.resources()
+    assert "terraform_data.a" in resources
+    assert resources["terraform_data.a"]["instances"][0].get("status") != "tainted"
+
+    retry = await run_tf(runner, A_THEN_B, state=first.result.state, variables={"fail_b": "false"})
+    assert retry.result.exit_code == 0, retry.text
+    assert "creating a" not in retry.text
+    assert "creating b" in retry.text
+    assert set(retry.resources()) == {"terraform_data.a", "terraform_data.b"}
+    a_before = resources["terraform_data.a"]["instances"][0]["attributes"]["id"]
+    assert retry.resources()["terraform_data.a"]["instances"][0]["attributes"]["id"] == a_before
+
+
+async def test_destroy_removes_resources(runner):
+    applied = await run_tf(runner, WEB)
+    assert applied.result.exit_code == 0, applied.text
+    destroyed = await run_tf(runner, WEB, action="destroy", state=applied.result.state)
+    assert destroyed.result.exit_code == 0, destroyed.text
+    assert "destroying web" in destroyed.text
+    assert "Destroy complete! Resources: 1 destroyed." in destroyed.text
+    assert destroyed.state["resources"] == []
+
+
+async def test_timeout_interrupts_and_keeps_state(runner):
+    started = time.monotonic()
+    run = await run_tf(runner, SLOW, timeout=3)
+    elapsed = time.monotonic() - started
+    assert run.result.timed_out and not run.result.interrupted
+    assert run.result.exit_code != 0
+    assert elapsed < 10, elapsed
+    assert "(local-exec): slow-start" in run.text
+    assert "(local-exec): slow-end" not in run.text
+    assert any(s == "system" and "timed out" in line for s, line in run.lines)
+    # Terraform was interrupted, not killed: it wrote the state (the resource, tainted).
+    assert "terraform_data.slow" in run.resources()
+
+
+async def test_cancel_interrupts(runner):
+    cancel = asyncio.Event()
+    seen_at: list[float] = []
+
+    async def on_line(stream, line):
+        if "slow-start" in line and not cancel.is_set():
+            seen_at.append(time.monotonic())
+            cancel.set()
+
+    run = await run_tf(runner, SLOW, cancel=cancel, on_line=on_line)
+    assert run.result.interrupted and not run.result.timed_out
+    assert run.result.exit_code != 0
+    assert time.monotonic() - seen_at[0] < 5
+    assert "(local-exec): slow-end" not in run.text
+    assert any(s == "system" and "cancel" in line for s, line in run.lines)
+    assert "terraform_data.slow" in run.resources()
+
+
+async def test_unresponsive_terraform_is_killed_after_the_grace_period(kind, tmp_path):
+    # The provisioner freezes terraform itself (SIGSTOP to its parent): SIGINT cannot be
+    # handled, so after the grace period comes SIGKILL.
+    frozen = """
+resource "terraform_data" "frozen" {
+  provisioner "local-exec" {
+    command = "echo freezing; kill -STOP $PPID"
+  }
+}
+"""
+    runner = new_runner(kind, make_settings(tmp_path), grace=1.0)
+    started = time.monotonic()
+    run = await run_tf(runner, frozen, timeout=2)
+    elapsed = time.monotonic() - started
+    await runner.close()
+    assert run.result.timed_out
+    assert run.result.exit_code == 128 + 9, run.text
+    assert any(s == "system" and "killing" in line for s, line in run.lines), run.lines
+    assert 3 <= elapsed < 10, elapsed
+    assert await runner.running() == 0
+
+
+async def test_cancel_before_start_keeps_given_state(runner):
+    cancel = asyncio.Event()
+    cancel.set()
+    run = await run_tf(runner, WEB, state=b'{"version": 4}', cancel=cancel)
+    assert run.result.interrupted
+    assert run.result.state == b'{"version": 4}'
+    assert "creating web" not in run.text
+    assert await runner.running() == 0
+
+
+async def test_secrets_reach_terraform_and_nothing_else(runner, monkeypatch):
+    secret = "s3cr3t-" + secrets.token_hex(8)
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    # The service's own environment must not leak into terraform's.
+    monkeypatch.setenv("TFDEPLOY_SECRETS_KEY", "service-own-secret")
+    config = """
+variable "token" {
+  type = string
+}
+variable "region" {
+  type = string
+}
+resource "terraform_data" "t" {
+  input = sha256(var.token)
+  provisioner "local-exec" {
+    command = "echo region=$TF_VAR_region service-key=$${TFDEPLOY_SECRETS_KEY:-absent} token-length=$${#TF_VAR_token}"
+  }
+}
+"""
+    run = await run_tf(runner, config, variables={"region": "kr-1"}, secrets={"token": secret})
+    assert run.result.exit_code == 0, run.text
+    assert f"region=kr-1 service-key=absent token-length={len(secret)}" in run.text
+    assert (
+        run.resources()["terraform_data.t"]["instances"][0]["attributes"]["input"]["value"]
+        == digest
+    )
+    assert secret.encode() not in run.result.state
+    assert secret not in run.text and "service-own-secret" not in run.text
+
+
+async def test_invalid_requests_are_refused(runner):
+    with pytest.raises(RunnerError):
+        await run_tf(runner, {"../escape.tf": WEB})
+    with pytest.raises(RunnerError):
+        await run_tf(runner, {"/etc/x.tf": WEB})
+    with pytest.raises(RunnerError):
+        await run_tf(runner, WEB, variables={"bad name": "x"})
+    assert await runner.running() == 0
+
+
+async def test_files_in_subdirectories(runner):
+    files = {
+        "main.tf": 'module "m" {\n  source = "./modules/m"\n}\n',
+        "modules/m/main.tf": WEB,
+    }
+    run = await run_tf(runner, files)
+    assert run.result.exit_code == 0, run.text
+    assert "creating web" in run.text
+    assert run.state["resources"][0]["module"] == "module.m"
+
+
+async def test_cap_across_two_runners(kind, tmp_path):
+    settings = make_settings(tmp_path, max_concurrency=2)
+    service = unique_service()
+    r1, r2 = new_runner(kind, settings, service), new_runner(kind, settings, service)
+    client = None
+    if kind == "docker":
+        import docker
+
+        client = docker.from_env()
+    samples: list[int] = []
+    api_samples: list[int] = []
+    active: set[int] = set()
+    max_active = 0
+    done = asyncio.Event()
+
+    async def sampler():
+        while not done.is_set():
+            samples.append(await r1.running())
+            if client is not None:
+                api_samples.append(await asyncio.to_thread(labelled_count, client, service))
+            await asyncio.sleep(0.1)
+
+    def tracker(n):
+        async def on_line(stream, line):
+            nonlocal max_active
+            if line.endswith(f"begin-{n}"):
+                active.add(n)
+                max_active = max(max_active, len(active))
+            elif line.endswith(f"end-{n}"):
+                active.discard(n)
+
+        return on_line
+
+    sampling = asyncio.create_task(sampler())
+    started = time.monotonic()
+    runs = await asyncio.gather(
+        *(run_tf(r1 if n % 2 else r2, concurrent_config(n), on_line=tracker(n)) for n in range(6))
+    )
+    elapsed = time.monotonic() - started
+    done.set()
+    await sampling
+    await r1.close()
+    await r2.close()
+    if client is not None:
+        client.close()
+    assert [r.result.exit_code for r in runs] == [0] * 6, [r.text for r in runs]
+    assert max(samples) <= 2, (samples, api_samples)
+    assert max(api_samples, default=0) <= 2, (samples, api_samples)
+    assert max_active <= 2
+    assert max(samples) == 2  # the cap was actually used, not just never reached
+    assert elapsed >= 3 * 2  # three waves of two 2-second runs
+    assert elapsed < 30, elapsed
+
+
+# -- Docker only ----------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+async def test_docker_container_is_locked_down_and_removed(docker_client, tmp_path):
+    import docker.errors
+
+    settings = make_settings(tmp_path)
+    service = unique_service()
+    runner = DockerRunner(settings, service_name=service)
+    secret = "tok-" + secrets.token_hex(8)
+    config = f"""
+variable "token" {{
+  type = string
+}}
+resource "terraform_data" "t" {{
+  input = sha256(var.token)
+  provisioner "local-exec" {{
+    command = "test -e {SECRETS_FILE} && echo secrets-file-present || echo secrets-file-gone; echo token-length=$${{#TF_VAR_token}}"
+  }}
+}}
+"""
+    request = RunRequest(
+        deploy_id="dep-123",
+        attempt=2,
+        workspace="prod",
+        action="apply",
+        files={"main.tf": config},
+        variables={"region": "kr-1"},
+        secrets={"token": secret},
+    )
+    slot = await runner.acquire_slot(request)
+    try:
+        info = docker_client.api.inspect_container(slot.container_id)
+        dumped = json.dumps(info)
+        assert secret not in dumped
+        assert "docker.sock" not in dumped
+        assert info["State"]["Status"] == "created"
+        assert info["Config"]["Labels"] == {
+            "tfdeploy.service": service,
+            "tfdeploy.deploy": "dep-123",
+            "tfdeploy.attempt": "2",
+            "tfdeploy.workspace": "prod",
+        }
+        assert info["Config"]["Image"] == IMAGE
+        assert info["Config"]["User"] == "65534:65534"
+        assert "TF_VAR_region=kr-1" in info["Config"]["Env"]
+        assert "CHECKPOINT_DISABLE=1" in info["Config"]["Env"]
+        assert not any(e.startswith("TF_VAR_token") for e in info["Config"]["Env"])
+        host = info["HostConfig"]
+        assert host["NetworkMode"] == "none"
+        assert host["CapDrop"] == ["ALL"]
+        assert host["CapAdd"] in (None, [])
+        assert not host["Privileged"]
+        assert "no-new-privileges" in host["SecurityOpt"]
+        assert host["PidsLimit"] == settings.runner_pids
+        assert host["Memory"] == 512 * 1024 * 1024
+        assert host["NanoCpus"] == 1_000_000_000
+        assert host["ReadonlyRootfs"] is True
+        assert not host.get("Binds")
+        assert [m["Type"] for m in info["Mounts"]] == ["volume"]
+        volume = info["Mounts"][0]["Name"]
+        # The deploy's directory holds the deploy's files only; the secret is not among them.
+        chunks, _ = docker_client.api.get_archive(slot.container_id, TF_DIR)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+            names = sorted(m.name for m in tar if m.isfile())
+            contents = b"".join(tar.extractfile(m).read() for m in tar if m.isfile())
+        assert names == ["config/main.tf"]
+        assert secret.encode() not in contents
+        assert await runner.running() == 1
+        assert await runner.find_orphans() == []  # held by this runner: not an orphan
+    except BaseException:
+        await slot.release()
+        raise
+
+    lines: list[tuple[str, str]] = []
+
+    async def sink(stream, line):
+        lines.append((stream, line))
+
+    result = await runner.run(slot, sink, asyncio.Event())
+    text = "\n".join(line for _, line in lines)
+    assert result.exit_code == 0, text
+    assert "secrets-file-gone" in text
+    assert f"token-length={len(secret)}" in text
+    assert secret not in text
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.api.inspect_container(slot.container_id)
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.volumes.get(volume)
+    assert await runner.running() == 0
+    await slot.release()  # idempotent
+    await runner.close()
+
+
+@pytest.mark.docker
+async def test_leftover_container_counts_against_cap(docker_client, tmp_path):
+    service = unique_service()
+    runner = DockerRunner(make_settings(tmp_path, max_concurrency=1), service_name=service)
+    labels = {"tfdeploy.service": service, "tfdeploy.deploy": "crashed"}
+    leftover = docker_client.containers.run(
+        IMAGE, entrypoint=["/bin/sleep", "60"], labels=labels, network_mode="none", detach=True
+    )
+    exited = docker_client.containers.run(
+        IMAGE,
+        entrypoint=["/bin/sh", "-c", "exit 0"],
+        labels=labels,
+        network_mode="none",
+        detach=True,
+    )
+    try:
+        exited.wait(timeout=30)
+        assert await runner.running() == 1  # the running leftover counts, the exited one not
+        orphans = {o["id"]: o for o in await runner.find_orphans()}
+        assert leftover.id in orphans and exited.id in orphans
+        assert orphans[leftover.id]["deploy_id"] == "crashed"
+
+        request = RunRequest(
+            deploy_id="after-crash",
+            attempt=1,
+            workspace="w",
+            action="apply",
+            files={"main.tf": WEB},
+        )
+        acquiring = asyncio.create_task(runner.acquire_slot(request))
+        await asyncio.sleep(1.5)
+        assert not acquiring.done(), "the leftover should hold the only place"
+
+        removed_at = time.monotonic()
+        await runner.remove_container(leftover.id)
+        slot = await asyncio.wait_for(acquiring, 10)
+        waited = time.monotonic() - removed_at
+        assert waited < 2.5, f"woken by the Docker event, not by polling ({waited:.2f}s)"
+        result = await runner.run(slot, _ignore, asyncio.Event())
+        assert result.exit_code == 0
+    finally:
+        for c in (leftover, exited):
+            with contextlib.suppress(Exception):
+                c.remove(force=True, v=True)
+        await runner.close()
+
+
+@pytest.mark.docker
+async def test_cancelled_acquire_leaves_nothing(docker_client, tmp_path):
+    runner = DockerRunner(make_settings(tmp_path, max_concurrency=1), service_name=unique_service())
+    request = RunRequest(
+        deploy_id="x", attempt=1, workspace="w", action="apply", files={"main.tf": WEB}
+    )
+    slot = await runner.acquire_slot(request)
+    waiting = asyncio.create_task(runner.acquire_slot(request))
+    await asyncio.sleep(0.5)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await slot.release()
+    assert await runner.running() == 0
+    # The lock is free again: another acquisition goes through at once.
+    slot = await asyncio.wait_for(runner.acquire_slot(request), 5)
+    await slot.release()
+    await runner.close()
+
+
+@pytest.mark.docker
+async def test_missing_image_is_a_runner_error(docker_client, tmp_path):
+    settings = settings_mod.from_env(
+        {}, runner_image="local/no-such-image:0", runner_network="none", data_dir=str(tmp_path)
+    )
+    runner = DockerRunner(settings, service_name=unique_service())
+    with pytest.raises(RunnerError, match="no-such-image"):
+        await runner.acquire_slot(
+            RunRequest(
+                deploy_id="x", attempt=1, workspace="w", action="apply", files={"main.tf": WEB}
+            )
+        )
+    await runner.close()
+
+
+@pytest.mark.docker
+def test_make_runner(docker_client, tmp_path):
+    assert isinstance(make_runner(make_settings(tmp_path, runner="local")), LocalRunner)
+    docker_runner = make_runner(make_settings(tmp_path, runner="docker"))
+    assert isinstance(docker_runner, DockerRunner)
+    assert docker_runner.label_filter == "tfdeploy.service=tfdeploy"
+    request = RunRequest(deploy_id="d", attempt=3, workspace="w", action="destroy", files={})
+    config = docker_runner.container_config(request)
+    assert config["labels"] == {
+        "tfdeploy.service": "tfdeploy",
+        "tfdeploy.deploy": "d",
+        "tfdeploy.attempt": "3",
+        "tfdeploy.workspace": "w",
+    }
+    assert config["command"] == ["destroy"]
+    assert make_runner(make_settings(tmp_path)).name == "docker"  # an engine answers
+
+
+def test_make_runner_falls_back_to_local_without_an_engine(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    runner = make_runner(make_settings(tmp_path))
+    assert isinstance(runner, LocalRunner)
+
+
+# -- local only -----------------------------------------------------------------------------
+
+
+async def test_local_slot_held_by_another_process(tmp_path):
+    if not shutil.which("terraform"):
+        pytest.skip("terraform is not on PATH")
+    settings = make_settings(tmp_path, max_concurrency=1)
+    runner = LocalRunner(settings)
+    slots = settings.data_path / "local-slots"
+    slots.mkdir(parents=True)
+    holder = hold_lock_in_another_process(slots / "slot-0.lock")
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert await runner.running() == 1
+        request = RunRequest(
+            deploy_id="x", attempt=1, workspace="w", action="apply", files={"main.tf": WEB}
+        )
+        acquiring = asyncio.create_task(runner.acquire_slot(request))
+        await asyncio.sleep(1)
+        assert not acquiring.done()
+        holder.kill()  # a crashed process: the kernel drops its lock
+        holder.wait()
+        slot = await asyncio.wait_for(acquiring, 5)
+        result = await runner.run(slot, _ignore, asyncio.Event())
+        assert result.exit_code == 0
+        assert await runner.running() == 0
+        assert not slot.root.exists()  # the private temp dir is gone
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def hold_lock_in_another_process(path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"f = open({str(path)!r}, 'a')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_line_splitter():
+    s = LineSplitter()
+    assert s.feed(b"a\r\nb") == ["a"]
+    assert s.feed("ü\nc".encode()[:1]) == []
+    assert s.feed("ü\nc".encode()[1:]) == ["bü"]
+    assert s.flush() == ["c"]
+    assert s.flush() == []
+
+
+async def _ignore(stream: str, line: str) -> None:
+    return None
