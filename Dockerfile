@@ -4,12 +4,13 @@ FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./
-RUN python -m venv /venv \
- && grep -v -E '^(pgserver|playwright|pyee|greenlet|mypy|mypy.extensions|ruff|hypothesis|pytest|pytest-asyncio|moto|werkzeug|flask|flask-cors|py-partiql-parser|responses|xmltodict|cfn-lint|openapi-spec-validator|jsonschema|aws-sam-translator|docker-compose)==' requirements.lock > /tmp/runtime.lock \
- && /venv/bin/pip install -r /tmp/runtime.lock
 COPY service ./service
 COPY migrations ./migrations
-RUN /venv/bin/pip install --no-deps . \
+# The project's runtime dependencies, at the versions of the lock file; pgserver (the embedded
+# PostgreSQL for laptops) is not needed where TFDEPLOY_DATABASE_URL is set.
+RUN python -m venv /venv \
+ && /venv/bin/pip install -c requirements.lock . \
+ && /venv/bin/pip uninstall -y pgserver \
  && find /venv -name '__pycache__' -prune -exec rm -rf {} + \
  && rm -rf /venv/lib/python3.11/site-packages/pip /venv/lib/python3.11/site-packages/setuptools
 

@@ -959,3 +959,37 @@ async def test_hub_polls_while_the_database_is_unreachable() -> None:
                 wakes += 1
         assert wakes >= 5 and not hub.connected.is_set()
     await hub.close()
+
+
+@pytest.mark.parametrize("stream_options", [StreamOptions(ping=15.0, send_timeout=5.0, auth_recheck=0.2)])
+async def test_an_open_stream_ends_when_its_token_is_revoked(
+    server: Server, services: Services
+) -> None:
+    deploy_id = await request(services)
+    # An admin's token: it sees ann's deploy and the global feed.
+    async with services.pool.connection() as conn:
+        token = await create_token(conn, "eve", admin=True)
+    for path in (stream_url(deploy_id), "/events/stream"):
+        ended = asyncio.Event()
+
+        async def follow(path: str = path) -> list[Message]:
+            got: list[Message] = []
+            async with server.client.stream(
+                "GET", path, headers={"Authorization": f"Bearer {token}"}
+            ) as r:
+                assert r.status_code == 200
+                async for m in messages(r):
+                    got.append(m)
+            ended.set()
+            return got
+
+        task = asyncio.create_task(follow())
+        await eventually(lambda: server.hub.subscriber_count == 1, within=10, what="subscribed")
+        assert not ended.is_set()
+        async with services.pool.connection() as conn:
+            await conn.execute("UPDATE api_tokens SET revoked_at = now() WHERE name = 'eve'")
+        got = await asyncio.wait_for(task, 10)  # the stream ends by itself
+        assert got and got[0].event == "Requested"
+        await eventually(lambda: server.hub.subscriber_count == 0, within=5, what="release")
+        async with services.pool.connection() as conn:  # live again for the next path
+            await conn.execute("UPDATE api_tokens SET revoked_at = NULL WHERE name = 'eve'")

@@ -7,6 +7,7 @@ Users see the events of their own deploys; an admin sees all. Pages are keyset o
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from litestar import Controller, get
@@ -17,6 +18,7 @@ from service.api.auth import SECURITY
 from service.api.errors import Malformed, check_limit
 from service.api.schemas import EventOut, EventPage, error_responses
 from service.auth import Principal
+from service.projection import StoredEvent
 from service.services import Services
 
 EVENTS_LIMIT_MAX = 1000
@@ -44,6 +46,28 @@ def parse_instant(name: str, value: str | None) -> datetime | None:
     else:
         raise Malformed(f"{name} must be an ISO 8601 timestamp")
     return instant if instant.tzinfo else instant.replace(tzinfo=UTC)
+
+
+# For the audit query's transaction only (set_config(..., true) is SET LOCAL):
+# - a plan for each page's own filter values: psycopg prepares a query it has run 5 times on a
+#   connection, and PostgreSQL may then settle on one generic plan for every value, which cannot
+#   use the index that suits the filters given (it would scan the table for a rare type);
+# - no JIT and no parallel workers: the query has three ways to read a page and runs one (see
+#   queries.sql), but its estimated cost counts all three; that can cross jit_above_cost, or
+#   make a parallel plan look worth it -- and compiling, or starting workers for a branch that is
+#   then skipped, costs more than the page itself.
+AUDIT_SETTINGS = (
+    "SELECT set_config('plan_cache_mode', 'force_custom_plan', true),"
+    " set_config('jit', 'off', true),"
+    " set_config('max_parallel_workers_per_gather', '0', true)"
+)
+
+
+async def audit_page(conn: Any, **filters: Any) -> list[StoredEvent]:
+    """``store.audit_page`` with AUDIT_SETTINGS, in a transaction of its own (docs/audit.md)."""
+    async with conn.transaction():
+        await conn.execute(AUDIT_SETTINGS)
+        return await store.audit_page(conn, **filters)
 
 
 class EventController(Controller):
@@ -91,7 +115,7 @@ class EventController(Controller):
                 raise Malformed("deploy_id must be a UUID") from None
         since_at, until_at = parse_instant("since", since), parse_instant("until", until)
         async with services.pool.connection() as conn:
-            events = await store.audit_page(
+            events = await audit_page(
                 conn,
                 after=after,
                 limit=limit + 1,

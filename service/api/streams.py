@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -47,10 +47,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
 from service import store
-from service.api.auth import SECURITY, require_admin, visible_deploy
+from service.api.auth import SECURITY, require_admin, token_of, visible_deploy
 from service.api.errors import Malformed
 from service.api.schemas import DeployOut, EventOut, error_responses
-from service.auth import Principal
+from service.auth import Principal, authenticate
 from service.logs import LogLine, read_logs
 from service.notify import Hub, hub_of
 from service.projection import StoredEvent, view_of
@@ -77,6 +77,7 @@ class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
     """Tunables of the SSE streams (``create_app(stream_options=...)``)."""
 
     ping: float = 15.0  # seconds between keep-alive comments (": ping"); CONTRACT: at most 15
+    auth_recheck: float = 2.0  # an open stream re-checks its token this often: revoked -> ends
     send_timeout: float = 30.0  # a client that takes longer to accept one message is dropped
     log_batch: int = 1000  # log lines per read
     event_batch: int = 500  # events per read of the global feed
@@ -222,8 +223,25 @@ def _forget(task: asyncio.Task[Any]) -> None:
         task.exception()  # retrieved: a read nobody waits for any more may fail quietly
 
 
+async def _woken(sub: Any, valid: Callable[[], Awaitable[bool]], options: StreamOptions) -> bool:
+    """Wait for the next wake-up; False once the stream's token is no longer valid (a revoked
+    token is refused within ``auth_recheck`` seconds, open streams included). ``valid`` is
+    rate-limited, so busy streams do not query the token table on every event."""
+    while True:
+        woke = await sub.wait(within=options.auth_recheck)
+        if not await valid():
+            return False
+        if woke:
+            return True
+
+
 async def deploy_messages(
-    services: Services, hub: Hub, deploy_id: str, cursor: DeployCursor, options: StreamOptions
+    services: Services,
+    hub: Hub,
+    deploy_id: str,
+    cursor: DeployCursor,
+    options: StreamOptions,
+    valid: Callable[[], Awaitable[bool]],
 ) -> AsyncIterator[ServerSentEvent]:
     """The deploy stream after ``cursor``, following new rows until the deploy ends."""
     records: list[StoredEvent] = []  # the whole stream read so far (to fold statuses)
@@ -231,7 +249,8 @@ async def deploy_messages(
     last_seq = cursor.seq
     with hub.subscribe(deploy_id) as sub:
         while True:
-            await sub.wait()
+            if not await _woken(sub, valid, options):
+                return
             while True:
                 # Never hold a pool connection while sending: read, release, then yield.
                 read = await shielded(
@@ -282,14 +301,19 @@ async def deploy_messages(
 
 
 async def all_event_messages(
-    services: Services, hub: Hub, after: int, options: StreamOptions
+    services: Services,
+    hub: Hub,
+    after: int,
+    options: StreamOptions,
+    valid: Callable[[], Awaitable[bool]],
 ) -> AsyncIterator[ServerSentEvent]:
     """Every event after position ``after``, in position order, following new ones. Gap-free
     because appends are serialised (service.store.append): no smaller position can commit after
     a larger one was read."""
     with hub.subscribe(None) as sub:
         while True:
-            await sub.wait()
+            if not await _woken(sub, valid, options):
+                return
             while True:
                 batch = await shielded(_read_all_after(services, after, options.event_batch))
                 for event in batch:
@@ -318,6 +342,30 @@ class StreamResponse(EventSourceResponse):
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
             log.info("dropped an SSE client that did not read for %s s", self.send_timeout)
+
+
+def _token_check(
+    services: Services, request: Request[Any, Any, Any], options: StreamOptions
+) -> Callable[[], Awaitable[bool]]:
+    token = token_of(request) or ""
+    loop = asyncio.get_running_loop()
+    checked_at = loop.time()  # the request was just authenticated
+
+    async def query() -> bool:
+        try:
+            async with services.pool.connection() as conn:
+                return await authenticate(conn, token) is not None
+        except Exception:  # the database is away: keep the stream; the check runs again
+            return True
+
+    async def valid() -> bool:
+        nonlocal checked_at
+        if loop.time() - checked_at < options.auth_recheck:
+            return True
+        checked_at = loop.time()
+        return await shielded(query())
+
+    return valid
 
 
 def _options(request: Request[Any, Any, Any]) -> StreamOptions:
@@ -374,8 +422,9 @@ async def deploy_stream(
         # Not an id this stream sent (versions only grow): another stream's, or made up.
         raise Malformed(f"Last-Event-ID is beyond this deploy's last event ({deploy.version})")
     options = _options(request)
+    valid = _token_check(services, request, options)
     return _response(
-        deploy_messages(services, hub_of(services), deploy.id, cursor, options), options
+        deploy_messages(services, hub_of(services), deploy.id, cursor, options, valid), options
     )
 
 
@@ -404,7 +453,10 @@ async def events_stream(
     require_admin(principal, "the event stream")
     after = parse_position(last_event_id(request, last_event_id_query))
     options = _options(request)
-    return _response(all_event_messages(services, hub_of(services), after, options), options)
+    valid = _token_check(services, request, options)
+    return _response(
+        all_event_messages(services, hub_of(services), after, options, valid), options
+    )
 
 
 STREAM_ROUTES = [deploy_stream, events_stream]

@@ -76,19 +76,77 @@ DELETE FROM deploys;
 
 -- audit_page --
 -- The audit query over the event table; every filter optional, keyset on position.
-SELECT e.position, e.deploy_id, e.version, e.type, e.data, e.recorded_at, e.actor
-FROM events e
-WHERE (%(deploy_id)s::uuid IS NULL OR e.deploy_id = %(deploy_id)s::uuid)
-  AND (%(type)s::text IS NULL OR e.type = %(type)s::text)
-  AND (%(actor)s::text IS NULL OR e.actor = %(actor)s::text)
-  AND (%(since)s::timestamptz IS NULL OR e.recorded_at >= %(since)s::timestamptz)
-  AND (%(until)s::timestamptz IS NULL OR e.recorded_at < %(until)s::timestamptz)
-  AND e.position > %(after)s
-  AND (%(workspace)s::text IS NULL
-       OR e.deploy_id IN (SELECT d.id FROM deploys d WHERE d.workspace = %(workspace)s::text))
-  AND (%(owner)s::text IS NULL
-       OR e.deploy_id IN (SELECT d.id FROM deploys d WHERE d.owner = %(owner)s::text))
-ORDER BY e.position
+-- How it stays fast at millions of events (docs/audit.md, bench/audit.py):
+-- * A time window also bounds the positions scanned. Events are appended one at a time under a
+--   lock and stamped with clock_timestamp(), so recorded_at follows position; the bounds are read
+--   from events_recorded_at one day beyond the window, so the page stays exact unless the
+--   server's clock ever stepped back by more than a day.
+-- * A workspace or owner filter admits a set of deploys ("scope"). A small one is joined to its
+--   events through the deploy index and sorted; for a large one, events are read in position
+--   order (or through another filter's index) and each deploy is looked up. The cut-off balances
+--   the two costs: the join reads every event of the scope, the scan about
+--   limit * deploys / |scope| deploys' worth of events.
+WITH cutoff AS MATERIALIZED (
+    -- Scopes up to this many deploys are joined: sqrt(limit * deploys / 4), about where the two
+    -- ways cost the same (measured with bench/audit.py at 1M events; docs/audit.md).
+    SELECT ceil(sqrt(%(limit)s * greatest(c.reltuples, 1) / 4))::bigint AS deploys
+    FROM pg_class c WHERE c.oid = 'deploys'::regclass
+), scope AS MATERIALIZED (
+    -- The scope's first cutoff + 1 deploys: all of a small scope; enough to tell a large one.
+    SELECT d.id FROM deploys d
+    WHERE (%(workspace)s::text IS NOT NULL OR %(owner)s::text IS NOT NULL)
+      AND (%(workspace)s::text IS NULL OR d.workspace = %(workspace)s::text)
+      AND (%(owner)s::text IS NULL OR d.owner = %(owner)s::text)
+    LIMIT (SELECT deploys + 1 FROM cutoff)
+), plan AS MATERIALIZED (
+    -- Decided when the query runs (the planner cannot know the scope's size): 'all' without a
+    -- scope, 'join' for a small one, 'scan' for a large one.
+    SELECT CASE
+             WHEN %(workspace)s::text IS NULL AND %(owner)s::text IS NULL THEN 'all'
+             WHEN count(*) <= (SELECT deploys FROM cutoff) THEN 'join'
+             ELSE 'scan'
+           END AS way
+    FROM scope
+), matching AS NOT MATERIALIZED (
+    SELECT e.position, e.deploy_id, e.version, e.type, e.data, e.recorded_at, e.actor
+    FROM events e
+    WHERE (%(deploy_id)s::uuid IS NULL OR e.deploy_id = %(deploy_id)s::uuid)
+      AND (%(type)s::text IS NULL OR e.type = %(type)s::text)
+      AND (%(actor)s::text IS NULL OR e.actor = %(actor)s::text)
+      AND (%(since)s::timestamptz IS NULL OR e.recorded_at >= %(since)s::timestamptz)
+      AND (%(until)s::timestamptz IS NULL OR e.recorded_at < %(until)s::timestamptz)
+      AND e.position > %(after)s
+      AND (%(since)s::timestamptz IS NULL
+           OR e.position > coalesce(
+               (SELECT b.position FROM events b
+                WHERE b.recorded_at < %(since)s::timestamptz - interval '1 day'
+                ORDER BY b.recorded_at DESC, b.position DESC LIMIT 1), 0))
+      AND (%(until)s::timestamptz IS NULL
+           OR e.position < coalesce(
+               (SELECT b.position FROM events b
+                WHERE b.recorded_at >= %(until)s::timestamptz + interval '1 day'
+                ORDER BY b.recorded_at, b.position LIMIT 1), 9223372036854775807))
+)
+(SELECT m.* FROM matching m
+ WHERE (SELECT way FROM plan) = 'all'
+ ORDER BY m.position LIMIT %(limit)s)
+UNION ALL
+(SELECT m.* FROM scope s
+ CROSS JOIN LATERAL (
+     -- One probe of events_stream_version per deploy: within a stream, version order is
+     -- position order (the LIMIT keeps this a nested loop).
+     SELECT * FROM matching m WHERE m.deploy_id = s.id ORDER BY m.version LIMIT %(limit)s) m
+ WHERE (SELECT way FROM plan) = 'join'
+ ORDER BY m.position LIMIT %(limit)s)
+UNION ALL
+(SELECT m.* FROM matching m
+ WHERE (SELECT way FROM plan) = 'scan'
+   AND EXISTS (SELECT FROM deploys d
+               WHERE d.id = m.deploy_id
+                 AND (%(workspace)s::text IS NULL OR d.workspace = %(workspace)s::text)
+                 AND (%(owner)s::text IS NULL OR d.owner = %(owner)s::text))
+ ORDER BY m.position LIMIT %(limit)s)
+ORDER BY position
 LIMIT %(limit)s;
 
 -- insert_inputs --
