@@ -972,7 +972,7 @@ async def test_an_open_stream_ends_when_its_token_is_revoked(
     for path in (stream_url(deploy_id), "/events/stream"):
         ended = asyncio.Event()
 
-        async def follow(path: str = path) -> list[Message]:
+        async def follow(path: str = path, ended: asyncio.Event = ended) -> list[Message]:
             got: list[Message] = []
             async with server.client.stream(
                 "GET", path, headers={"Authorization": f"Bearer {token}"}
