@@ -12,9 +12,13 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import socket
 import os
+import socket
+import time
 from typing import Any
+
+import psycopg
+import psycopg_pool
 
 from service import store
 from service.deploys import Deploys, NotFound
@@ -40,6 +44,14 @@ log = logging.getLogger("tfdeploy.deployer")
 
 CANCEL_POLL_SECONDS = 1.0
 LOG_FLUSH_SECONDS = 0.1
+# An outcome is never dropped because PostgreSQL is away (restart, failover): the deployer waits
+# for it with a growing pause, at most the deploy timeout in all (docs/reliability.md).
+DB_RETRY_PAUSE_MAX = 5.0
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg_pool.PoolTimeout,
+)
 
 
 def default_worker_name() -> str:
@@ -121,6 +133,9 @@ class Deployer:
         self.box = secret_box
         self.worker = worker_name or default_worker_name()
         self.actor = f"worker:{self.worker}"
+        #: deploys whose attempt runs in this process now: recovery leaves them alone, and the
+        #: worker keeps their jobs' heartbeats fresh (service/recovery.py)
+        self.active: set[str] = set()
 
     # ------------------------------------------------------------ entry point
 
@@ -132,7 +147,14 @@ class Deployer:
         if state.phase != "queued" or state.next_attempt != attempt:
             log.info("skipping job for %s attempt %s: deploy is %s", deploy_id, attempt, state.phase)
             return
-        request = await self._prepare(deploy_id, attempt, state.workspace, state.action)
+        self.active.add(deploy_id)
+        try:
+            await self._handle_queued(deploy_id, attempt, state.workspace, state.action)
+        finally:
+            self.active.discard(deploy_id)
+
+    async def _handle_queued(self, deploy_id: str, attempt: int, workspace: str, action: str) -> None:
+        request = await self.prepare(deploy_id, attempt, workspace, action)
         try:
             slot = await self.runner.acquire_slot(request)
         except RunnerError as exc:
@@ -162,7 +184,7 @@ class Deployer:
                 self.actor,
             )
 
-    async def _prepare(self, deploy_id: str, attempt: int, workspace: str, action: str) -> RunRequest:
+    async def prepare(self, deploy_id: str, attempt: int, workspace: str, action: str) -> RunRequest:
         async with self.pool.connection() as conn:
             cur = await conn.execute(q("get_inputs"), {"deploy_id": deploy_id})
             files, variables, _ = await cur.fetchone()
@@ -201,7 +223,7 @@ class Deployer:
                 reason = "runner_error"
             else:
                 reason = "timeout" if result.timed_out else "apply_failed"
-            await self._conclude(deploy_id, request, result, reason, writer, masker)
+            await self.conclude(deploy_id, request, result, reason, writer)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -216,15 +238,32 @@ class Deployer:
                 if view is not None and view.cancel_requested:
                     cancel.set()
 
-    async def _conclude(
+    async def conclude_recovered(
+        self, deploy_id: str, request: RunRequest, result: RunResult, note: str
+    ) -> None:
+        """Conclude an attempt whose worker died (``service/recovery.py``): the same path as a
+        normal outcome, with ``worker_lost`` as the failure reason."""
+        writer = LogWriter(self.pool, deploy_id, request.attempt, Masker(request.secrets))
+        try:
+            await writer.line("system", note)
+            await self.conclude(deploy_id, request, result, "worker_lost", writer)
+        finally:
+            await writer.close()
+
+    async def conclude(
         self,
         deploy_id: str,
         request: RunRequest,
         result: RunResult,
         reason: str,
         writer: LogWriter,
-        masker: Masker,
     ) -> None:
+        """State first, then the outcome: persist what terraform left, then AttemptSucceeded /
+        AttemptFailed / AttemptInterrupted; destroy if the state cannot be kept."""
+        masker = writer.masker
+        # PostgreSQL holds the index (and by default the state): if it is away, wait for it
+        # rather than treat a short outage as a refusing store.
+        await self._wait_for_db()
         ok = result.exit_code == 0 and not result.interrupted and not result.timed_out
         persisted: PersistedState | None = None
         changed = result.state is not None and (
@@ -250,13 +289,45 @@ class Deployer:
                 message=error[-2000:],
                 exit_code=result.exit_code,
                 state=persisted,
-                retry_delay=self.settings.retry_delay,
+                # A lost worker is no reason to back off: the next attempt may start at once.
+                retry_delay=0.0 if reason == "worker_lost" else self.settings.retry_delay,
             )
         await writer.flush()
         try:
-            await self.deploys.execute(deploy_id, command, self.actor)
+            await self._execute_retrying(deploy_id, command)
         except IllegalTransition:
             log.warning("outcome of %s no longer applies: %s", deploy_id, command)
+
+    async def _db_retrying(self, what: str, fn: Any) -> Any:
+        """``await fn()``, again after a pause while PostgreSQL does not answer (connection
+        errors only), for at most the deploy timeout."""
+        deadline = time.monotonic() + max(self.settings.deploy_timeout, 60.0)
+        pause = 0.5
+        while True:
+            try:
+                return await fn()
+            except DB_ERRORS as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("%s: PostgreSQL unavailable (%s); retrying in %.1fs", what, exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, DB_RETRY_PAUSE_MAX)
+
+    async def _wait_for_db(self) -> None:
+        async def ping() -> None:
+            async with self.pool.connection() as conn:
+                await conn.execute("SELECT 1")
+
+        with contextlib.suppress(*DB_ERRORS):  # past the bound, the steps below fail loudly
+            await self._db_retrying("waiting for PostgreSQL", ping)
+
+    async def _execute_retrying(self, deploy_id: str, command: Any) -> Any:
+        """Append an outcome, retried on connection errors. A retry after a commit whose
+        answer was lost meets IllegalTransition (the outcome is already there): never twice."""
+        return await self._db_retrying(
+            f"recording the outcome of {deploy_id}",
+            lambda: self.deploys.execute(deploy_id, command, self.actor),
+        )
 
     async def _persist(self, deploy_id: str, request: RunRequest, content: bytes) -> PersistedState:
         serial, lineage, sha256, size = index.state_meta(content)
@@ -322,7 +393,7 @@ class Deployer:
             rescue_sha256=rescue_sha,
         )
         try:
-            await self.deploys.execute(deploy_id, command, self.actor)
+            await self._execute_retrying(deploy_id, command)
         except IllegalTransition:
             log.error("could not record the state failure of %s", deploy_id)
 

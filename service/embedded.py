@@ -188,7 +188,9 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(f"pg_ctl stop failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
     def restart(self) -> None:
-        self._check(self._cmd("pg_ctl", "restart", "-w", "-m", "fast", "-D", str(self.pgdata)))
+        # -l: without a log file the server would keep pg_ctl's captured output open.
+        log = str(self.directory / "postgres.log")
+        self._check(self._cmd("pg_ctl", "restart", "-w", "-m", "fast", "-D", str(self.pgdata), "-l", log))
 
     def __enter__(self) -> EmbeddedPostgres:
         self.start()

@@ -2,6 +2,9 @@
 
 procrastinate's worker stops when its database connection drops; the supervisor starts it again
 with a growing pause, so a PostgreSQL restart costs a short pause, not the worker.
+
+Alongside it run the recovery of deploys whose worker died (``service/recovery.py``) and the
+keep-alive of this process's own jobs' heartbeats.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 
 from service.deployer import Deployer, default_worker_name
 from service.queue import QUEUE_NAME
+from service.recovery import HEARTBEAT_INTERVAL, STALLED_AFTER, Recovery
 from service.runners import Runner, make_runner
 from service.services import Services
 from service.statestores import StateStore, make_state_store
@@ -44,10 +48,27 @@ class Worker:
             worker_name=self.name,
         )
         services.queue.set_handler(self.deployer.handle)
+        self.recovery = Recovery(services.pool, services.queue, self.deployer)
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        """Run until ``stop()``; restart procrastinate's worker whenever it dies."""
+        """Run until ``stop()``; restart procrastinate's worker whenever it dies.
+
+        On ``stop()`` no new job is taken; running ones finish (up to the deploy timeout)."""
+        side = [
+            asyncio.create_task(self.recovery.run(self._stopping), name="recovery"),
+            asyncio.create_task(self.recovery.keep_alive(), name="keep-alive"),
+        ]
+        try:
+            await self._supervise()
+        finally:
+            for task in side:
+                task.cancel()
+            for task in side:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _supervise(self) -> None:
         pause = 0.5
         while not self._stopping.is_set():
             worker_task = asyncio.create_task(
@@ -60,6 +81,10 @@ class Worker:
                     fetch_job_polling_interval=1.0,
                     delete_jobs="successful",
                     shutdown_graceful_timeout=self.settings.deploy_timeout,
+                    # Frequent heartbeats: a dead worker's jobs are recovered STALLED_AFTER
+                    # seconds after its last one (service/recovery.py, docs/reliability.md).
+                    update_heartbeat_interval=HEARTBEAT_INTERVAL,
+                    stalled_worker_timeout=STALLED_AFTER,
                 )
             )
             stop_task = asyncio.create_task(self._stopping.wait())

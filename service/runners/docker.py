@@ -499,6 +499,47 @@ class DockerRunner:
             )
         return found
 
+    async def collect_orphan(self, container_id: str) -> RunResult | None:
+        """Take over a container a dead worker left behind (recovery, ``service/recovery.py``).
+
+        Still running: SIGINT (terraform stops gracefully and writes its state), then SIGKILL
+        after the grace period. Then the exit code and the state it left are read. Returns None
+        when it never started (nothing ran). The container is not removed here."""
+
+        def collect() -> RunResult | None:
+            api = self._api
+            st = api.inspect_container(container_id)["State"]
+            if st.get("Status") == "created":
+                return None
+            was_running = bool(st.get("Running"))
+            if was_running:
+                with contextlib.suppress(docker.errors.APIError):
+                    api.kill(container_id, signal="SIGINT")
+                try:
+                    api.wait(container_id, timeout=self.grace)
+                except requests.RequestException:
+                    with contextlib.suppress(docker.errors.APIError):
+                        api.kill(container_id, signal="SIGKILL")
+                    api.wait(container_id, timeout=60)
+            exit_code = int(api.inspect_container(container_id)["State"].get("ExitCode", -1))
+            state = self._read_state_sync(container_id)
+            tail = OutputTail()
+            with contextlib.suppress(Exception):
+                out = api.logs(container_id, stdout=True, stderr=True, tail=40)
+                for line in out.decode(errors="replace").splitlines():
+                    tail.add("stderr", line)
+            prefix = "worker lost while terraform ran; interrupted" if was_running else (
+                "worker lost after terraform ended"
+            )
+            return RunResult(
+                exit_code=exit_code,
+                state=state,
+                error=f"{prefix} (exit {exit_code})\n{tail.error()}" if exit_code != 0 else "",
+            )
+
+        result: RunResult | None = await self._call(collect)
+        return result
+
     async def remove_container(self, container_id: str) -> None:
         """Remove a (leftover) container and its workspace volume, whatever its state."""
         await self._call(self._remove_sync, container_id)

@@ -3,6 +3,14 @@
 The cap is ``max_concurrency`` lock files ``slot-<i>.lock`` under ``<data dir>/local-slots``:
 holding an exclusive ``flock`` on one is holding a slot. The kernel drops the locks of a process
 that dies, so a crash leaks nothing, and every runner on the host (any process) shares the cap.
+
+Orphans: terraform runs in its own process group and writes its output to files in the run's
+temp dir (tailed into the log), not to pipes, so it survives the death of the worker that
+started it (a pipe would kill it with SIGPIPE at its next line). Before it starts, a record
+``<data dir>/local-runs/<deploy>-a<attempt>.json`` names the process group and the temp dir;
+it is removed with the temp dir. After a crash, ``collect_orphan`` (called by the recovery of
+another worker on the same host, ``service/recovery.py``) interrupts the group (SIGINT, grace,
+SIGKILL) and reads the state terraform left.
 """
 
 from __future__ import annotations
@@ -10,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -87,6 +97,8 @@ class LocalSlot:
         self._released = True
         try:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, self.root, True))
+            with contextlib.suppress(OSError):
+                self.runner.run_record(self.request.deploy_id, self.request.attempt).unlink()
         finally:
             os.close(self.lock_fd)  # gives the slot back
             _notify(self.runner.slots_dir_key)
@@ -119,6 +131,74 @@ class LocalRunner:
         )
         self.slots_dir = settings.data_path / "local-slots"
         self.slots_dir_key = str(self.slots_dir)
+        self.runs_dir = settings.data_path / "local-runs"
+
+    # -- orphans --------------------------------------------------------------------------
+
+    def run_record(self, deploy_id: str, attempt: int) -> Path:
+        safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", deploy_id)[:80]
+        return self.runs_dir / f"{safe}-a{attempt}.json"
+
+    def _write_record(self, slot: LocalSlot, pgid: int) -> None:
+        self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.run_record(slot.request.deploy_id, slot.request.attempt)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({
+            "deploy_id": slot.request.deploy_id,
+            "attempt": slot.request.attempt,
+            "pgid": pgid,
+            "root": str(slot.root),
+            "worker_pid": os.getpid(),
+        }))
+        os.replace(tmp, path)
+
+    async def collect_orphan(self, deploy_id: str, attempt: int) -> RunResult | None:
+        """Take over the terraform run a dead worker left on this host: interrupt its process
+        group if it still runs (SIGINT, grace, SIGKILL) and read the state it left. None when
+        there is no record (another host, or it never started). The exit code of a process
+        that is not our child is unknown: reported as 130 (a failed attempt; the next one
+        starts from the state read here)."""
+        path = self.run_record(deploy_id, attempt)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        pgid, root = int(record["pgid"]), Path(record["root"])
+        was_running = _group_alive(pgid)
+        if was_running:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGINT)
+            deadline = time.monotonic() + self.grace
+            while _group_alive(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 - not our child: poll
+                await asyncio.sleep(0.2)
+            if _group_alive(pgid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while _group_alive(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+        state = await asyncio.to_thread(_read_or_none, root / "config" / "terraform.tfstate")
+        tail = await asyncio.to_thread(_tail_text, root)
+        await self.discard_orphan(deploy_id, attempt)
+        what = "interrupted" if was_running else "it had ended"
+        return RunResult(
+            exit_code=130,
+            state=state,
+            error=f"worker lost while terraform ran ({what})\n{tail}".strip(),
+        )
+
+    async def discard_orphan(self, deploy_id: str, attempt: int) -> None:
+        """Remove a dead worker's temp dir and record for (deploy, attempt), if any."""
+        path = self.run_record(deploy_id, attempt)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        root = Path(record.get("root", ""))
+        if root.name.startswith("tfdeploy-run-"):
+            await asyncio.to_thread(shutil.rmtree, root, True)
+        with contextlib.suppress(OSError):
+            path.unlink()
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -276,27 +356,41 @@ class LocalRunner:
         self, args: list[str], slot: LocalSlot, env: dict[str, str], say: Any, current: _Current
     ) -> int:
         assert self.terraform
-        proc = await asyncio.create_subprocess_exec(
-            self.terraform,
-            *args,
-            cwd=slot.config_dir,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # its own process group, for SIGINT to it and its children
-        )
+        # Output goes to files (tailed below), not pipes: terraform must outlive a dead worker.
+        paths = {name: slot.root / f"{args[0]}.{name}" for name in ("stdout", "stderr")}
+        fds = {
+            name: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            for name, path in paths.items()
+        }
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.terraform,
+                *args,
+                cwd=slot.config_dir,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=fds["stdout"],
+                stderr=fds["stderr"],
+                start_new_session=True,  # its own process group, for SIGINT to it and its children
+            )
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         current.proc = proc
+        try:
+            await asyncio.to_thread(self._write_record, slot, proc.pid)
+        except OSError as exc:
+            log.warning("could not record the run of %s: %s", slot.request.deploy_id, exc)
         if current.stopping:  # stopped while it was being started
             current.signal(signal.SIGINT)
-        assert proc.stdout and proc.stderr
-        pumps = asyncio.gather(_pump(proc.stdout, "stdout", say), _pump(proc.stderr, "stderr", say))
+        ended = asyncio.Event()
+        pumps = asyncio.gather(*(_tail(path, name, say, ended) for name, path in paths.items()))
         try:
             returncode = await proc.wait()
         finally:
-            # Whatever terraform left in its group (a provisioner's stray child) goes too, or
-            # it would hold the pipes open.
+            # Whatever terraform left in its group (a provisioner's stray child) goes too.
             current.signal(signal.SIGKILL)
+            ended.set()
             try:
                 await asyncio.wait_for(asyncio.shield(pumps), 5)
             except TimeoutError:
@@ -324,13 +418,65 @@ class LocalRunner:
         return None
 
 
-async def _pump(reader: asyncio.StreamReader, name: str, say: Any) -> None:
+TAIL_POLL = 0.05
+
+
+async def _tail(path: Path, name: str, say: Any, ended: asyncio.Event) -> None:
+    """Follow an output file until the process ended and the file is read to its end."""
     splitter = LineSplitter()
-    while data := await reader.read(65536):
-        for line in splitter.feed(data):
-            await say(name, line)
+    with open(path, "rb") as f:  # noqa: ASYNC230 - small non-blocking reads of a local file
+        while True:
+            data = f.read(65536)
+            if data:
+                for line in splitter.feed(data):
+                    await say(name, line)
+                continue
+            if ended.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), TAIL_POLL)
     for line in splitter.flush():
         await say(name, line)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie leader (its parent died and nobody reaped it yet) counts as gone.
+    try:
+        with open(f"/proc/{pgid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                return _other_members(pgid)
+    except OSError:
+        pass
+    return True
+
+
+def _other_members(pgid: int) -> bool:
+    """Whether a live (non-zombie) process other than the leader is in group ``pgid``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == pgid:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[-1].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
+def _tail_text(root: Path, lines: int = 20) -> str:
+    out: list[str] = []
+    for name in ("init.stderr", "apply.stderr", "destroy.stderr", "apply.stdout", "destroy.stdout"):
+        with contextlib.suppress(OSError):
+            out.extend((root / name).read_text(errors="replace").splitlines()[-lines:])
+    return "\n".join(out[-lines:])
 
 
 def _prepare(request: RunRequest) -> Path:

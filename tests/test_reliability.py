@@ -1,0 +1,487 @@
+"""Reliability with real processes and real kills (issue 6, docs/reliability.md).
+
+Workers run as subprocesses (`python -m service.cli worker`) so they can be SIGKILLed or sent
+SIGTERM; the API is served in this process on the same database. Waits are generous and nothing
+is asserted on speed: the measured recovery times are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.api.app import create_app
+from service.auth import create_token
+from service.runners import docker_available
+from service.services import open_services
+from service.settings import from_env
+from service.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+# A is made at once; then B. With sleep 60, B runs long enough that the dead worker's recovery
+# (about 15-25 s) finds it still running.
+A_THEN_SLOW_B = """
+resource "terraform_data" "a" {
+  provisioner "local-exec" { command = "echo MADE-A" }
+}
+resource "terraform_data" "b" {
+  depends_on = [terraform_data.a]
+  provisioner "local-exec" { command = "echo B-STARTS; sleep %(sleep)d; echo B-DONE" }
+}
+"""
+
+
+
+def _made_a(log: str) -> int:
+    return len([ln for ln in log.splitlines() if ln.rstrip().endswith("(local-exec): MADE-A")])
+
+
+class Env:
+    """The API in this process; workers as subprocesses (or in this process) on one database."""
+
+    def __init__(self, database_url: str, tmp_path: Path, runner_image: str, runner: str = "docker") -> None:
+        self.database_url = database_url
+        self.tmp_path = tmp_path
+        self.data_dir = tmp_path / "data"
+        self.runner_image = runner_image
+        self.runner = runner
+        self.values = dict(
+            data_dir=str(self.data_dir),
+            runner=runner,
+            runner_image=runner_image,
+            runner_network="none",
+            retry_delay=0.05,
+            max_concurrency=4,
+        )
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.client: httpx.AsyncClient
+        self.services = None
+
+    def spawn_worker(self, name: str) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TFDEPLOY_")}
+        env.update(
+            TFDEPLOY_DATABASE_URL=self.database_url,
+            TFDEPLOY_DATA_DIR=str(self.data_dir),
+            TFDEPLOY_RUNNER=self.runner,
+            TFDEPLOY_RUNNER_IMAGE=self.runner_image,
+            TFDEPLOY_RUNNER_NETWORK="none",
+            TFDEPLOY_RETRY_DELAY="0.05",
+            TFDEPLOY_MAX_CONCURRENCY="4",
+            PYTHONUNBUFFERED="1",
+        )
+        out = open(self.tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def worker_log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    async def submit(self, files: dict[str, str], **body: object) -> dict:
+        r = await self.client.post("/deploys", json={"files": files, **body})
+        assert r.status_code == 202, r.text
+        return r.json()
+
+    async def get(self, deploy_id: str) -> dict:
+        return (await self.client.get(f"/deploys/{deploy_id}")).json()
+
+    async def wait(self, deploy_id: str, limit: float = 240) -> dict:
+        deadline = time.monotonic() + limit
+        d: dict = {}
+        while time.monotonic() < deadline:
+            d = await self.get(deploy_id)
+            if d["status"] in TERMINAL:
+                return d
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"deploy {deploy_id} still {d.get('status')} after {limit}s")
+
+    async def events(self, deploy_id: str) -> list[dict]:
+        return (await self.client.get(f"/deploys/{deploy_id}/events")).json()["items"]
+
+    async def logs(self, deploy_id: str) -> str:
+        return (await self.client.get(f"/deploys/{deploy_id}/logs")).text
+
+    async def wait_log(self, deploy_id: str, text: str, limit: float = 120) -> None:
+        deadline = time.monotonic() + limit
+        while text not in await self.logs(deploy_id):
+            assert time.monotonic() < deadline, f"{text!r} never appeared in the log"
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def environment(
+    database_url: str, tmp_path: Path, runner_image: str, runner: str = "docker"
+) -> AsyncIterator[Env]:
+    if runner == "docker" and not docker_available():
+        pytest.skip("no Docker engine")
+    env = Env(database_url, tmp_path, runner_image, runner)
+    settings = from_env({}, **env.values)
+    services = await open_services(settings, database_url)
+    env.services = services
+    async with services.pool.connection() as conn:
+        token = await create_token(conn, "ann")
+    transport = httpx.ASGITransport(app=create_app(services))
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {token}"}
+        ) as client:
+            env.client = client
+            yield env
+    finally:
+        for proc in env.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+        await services.close()
+        _remove_containers_of_test(env)
+
+
+def _remove_containers_of_test(env: Env) -> None:
+    """Whatever a failed run left behind (containers of this test's deploys only)."""
+    import docker
+
+    ids = getattr(env, "deploy_ids", [])
+    if not ids or env.runner != "docker":
+        return
+    client = docker.from_env()
+    try:
+        for deploy_id in ids:
+            for row in client.api.containers(all=True, filters={"label": f"tfdeploy.deploy={deploy_id}"}):
+                with contextlib.suppress(Exception):
+                    client.api.remove_container(row["Id"], v=True, force=True)
+    finally:
+        client.close()
+
+
+async def _sample_running(deploy_id: str, stop: asyncio.Event) -> int:
+    """The most containers of one deploy seen running at once, sampled from the Docker API."""
+    import docker
+
+    client = docker.from_env()
+    seen = 0
+    try:
+        while not stop.is_set():
+            rows = await asyncio.to_thread(
+                client.api.containers, filters={"label": f"tfdeploy.deploy={deploy_id}", "status": "running"}
+            )
+            seen = max(seen, len(rows))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+    finally:
+        client.close()
+    return seen
+
+
+async def _in_process_worker(env: Env) -> tuple[Worker, asyncio.Task[None]]:
+    assert env.services is not None
+    worker = Worker(env.services, name="second-worker")
+    return worker, asyncio.create_task(worker.run())
+
+
+@pytest.mark.docker
+async def test_worker_killed_mid_apply_the_next_attempt_goes_on_from_the_kept_state(
+    database_url, tmp_path, runner_image
+):
+    """Scenario 1: SIGKILL while terraform runs B; the orphaned container is interrupted, its
+    state kept, Failed(worker_lost) + Retried, attempt 2 starts from that state: A once."""
+    async with environment(database_url, tmp_path, runner_image) as env:
+        first = env.spawn_worker("first")
+        d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 60}}, workspace="killed")
+        env.deploy_ids = [d["id"]]
+        stop_sampling = asyncio.Event()
+        sampler = asyncio.create_task(_sample_running(d["id"], stop_sampling))
+        second = None
+        try:
+            await env.wait_log(d["id"], "B-STARTS")
+            assert "MADE-A" in await env.logs(d["id"])
+            os.kill(first.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            first.wait(30)
+            worker, task = await _in_process_worker(env)
+            second = (worker, task)
+            restarted_after = None
+            deadline = time.monotonic() + 240
+            while restarted_after is None:
+                assert time.monotonic() < deadline, "no second attempt started"
+                types = [e["type"] for e in await env.events(d["id"])]
+                if types.count("Started") >= 2:
+                    restarted_after = time.monotonic() - killed_at
+                await asyncio.sleep(0.2)
+            done = await env.wait(d["id"], limit=300)
+        finally:
+            stop_sampling.set()
+            most_running = await sampler
+            if second is not None:
+                second[0].stop()
+                await asyncio.wait_for(second[1], 120)
+                await second[0].close()
+        print(f"\nscenario 1 (worker SIGKILLed mid-apply): kill -> next Started in {restarted_after:.1f}s")
+        assert done["status"] == "succeeded", done
+        events = await env.events(d["id"])
+        types = [e["type"] for e in events]
+        assert types == [
+            "Requested", "Started", "StatePersisted", "Failed", "Retried",
+            "Started", "StatePersisted", "Succeeded",
+        ], types
+        failed = next(e for e in events if e["type"] == "Failed")
+        assert failed["data"]["reason"] == "worker_lost"
+        assert failed["data"]["final"] is False
+        log = await env.logs(d["id"])
+        assert _made_a(log) == 1, log  # attempt 2 started from the state attempt 1 left
+        assert "B-DONE" in log
+        assert most_running == 1  # never two containers of the deploy at once
+        state = (await env.client.get("/workspaces/killed/state")).json()
+        assert {r["name"] for r in state["resources"]} == {"a", "b"}
+        import docker
+
+        client = docker.from_env()
+        try:
+            left = client.api.containers(all=True, filters={"label": f"tfdeploy.deploy={d['id']}"})
+        finally:
+            client.close()
+        assert left == []  # the orphan was removed once collected
+        async with env.services.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT status, count(*) FROM procrastinate_jobs GROUP BY status ORDER BY status"
+            )
+            statuses = dict(await cur.fetchall())
+        assert "doing" not in statuses and "todo" not in statuses, statuses
+
+
+@pytest.mark.docker
+async def test_worker_killed_after_terraform_ended_its_result_is_collected(
+    database_url, tmp_path, runner_image
+):
+    """Scenario 1, the other branch: the container finished after the worker died; recovery
+    collects its exit code and state and concludes it like a normal outcome (no retry)."""
+    async with environment(database_url, tmp_path, runner_image) as env:
+        first = env.spawn_worker("first")
+        d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 2}}, workspace="ended")
+        env.deploy_ids = [d["id"]]
+        await env.wait_log(d["id"], "B-STARTS")
+        os.kill(first.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        first.wait(30)
+        await _wait_container_exited(d["id"])  # the orphan ends on its own before recovery
+        worker, task = await _in_process_worker(env)
+        try:
+            done = await env.wait(d["id"], limit=240)
+            concluded_after = time.monotonic() - killed_at
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 120)
+            await worker.close()
+        print(f"\nscenario 1 (container ended after the kill): kill -> Succeeded in {concluded_after:.1f}s")
+        assert done["status"] == "succeeded", done
+        types = [e["type"] for e in await env.events(d["id"])]
+        assert types == ["Requested", "Started", "StatePersisted", "Succeeded"], types
+        log = await env.logs(d["id"])
+        assert _made_a(log) == 1
+        assert "worker lost: took over its container" in log
+        state = (await env.client.get("/workspaces/ended/state")).json()
+        assert {r["name"] for r in state["resources"]} == {"a", "b"}
+
+
+@pytest.mark.docker
+async def test_sigterm_lets_the_running_deploy_finish_and_exits_0(database_url, tmp_path, runner_image):
+    """Scenario 5: SIGTERM mid-deploy: no new job is taken, the running one ends succeeded,
+    the worker process exits 0."""
+    async with environment(database_url, tmp_path, runner_image) as env:
+        proc = env.spawn_worker("graceful")
+        d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 6}}, workspace="graceful")
+        env.deploy_ids = [d["id"]]
+        await env.wait_log(d["id"], "B-STARTS")
+        os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while "Stop requested" not in env.worker_log("graceful"):
+            assert time.monotonic() < deadline, env.worker_log("graceful")[-3000:]
+            await asyncio.sleep(0.1)
+        # Queued after the stop request: the stopping worker must not take it.
+        later = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 0}}, workspace="later")
+        env.deploy_ids.append(later["id"])
+        rc = await asyncio.to_thread(proc.wait, 180)
+        assert rc == 0, env.worker_log("graceful")[-3000:]
+        done = await env.get(d["id"])
+        assert done["status"] == "succeeded", done
+        types = [e["type"] for e in await env.events(d["id"])]
+        assert types == ["Requested", "Started", "StatePersisted", "Succeeded"], types
+        assert (await env.get(later["id"]))["status"] == "queued"
+
+
+async def test_local_runner_worker_killed_mid_apply_its_terraform_is_taken_over(
+    database_url, tmp_path, runner_image
+):
+    """Scenario 1 with the local runner: the dead worker's terraform process group (named in
+    <data dir>/local-runs) is interrupted by the recovering worker on the same host, the state
+    it wrote is kept, and attempt 2 goes on from it: A once."""
+    import shutil
+
+    if not shutil.which("terraform"):
+        pytest.skip("no terraform on PATH")
+    async with environment(database_url, tmp_path, runner_image, runner="local") as env:
+        first = env.spawn_worker("first")
+        d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 60}}, workspace="local-killed")
+        await env.wait_log(d["id"], "B-STARTS")
+        os.kill(first.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        first.wait(30)
+        records = list((env.data_dir / "local-runs").glob("*.json"))
+        assert len(records) == 1  # the orphan is on record
+        worker, task = await _in_process_worker(env)
+        restarted_after = None
+        try:
+            deadline = time.monotonic() + 240
+            while restarted_after is None:
+                assert time.monotonic() < deadline, "no second attempt started"
+                types = [e["type"] for e in await env.events(d["id"])]
+                if types.count("Started") >= 2:
+                    restarted_after = time.monotonic() - killed_at
+                await asyncio.sleep(0.2)
+            done = await env.wait(d["id"], limit=300)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 120)
+            await worker.close()
+        print(f"\nscenario 1, local runner: kill -> next Started in {restarted_after:.1f}s")
+        assert done["status"] == "succeeded", done
+        events = await env.events(d["id"])
+        types = [e["type"] for e in events]
+        assert types == [
+            "Requested", "Started", "StatePersisted", "Failed", "Retried",
+            "Started", "StatePersisted", "Succeeded",
+        ], types
+        assert next(e for e in events if e["type"] == "Failed")["data"]["reason"] == "worker_lost"
+        log = await env.logs(d["id"])
+        assert _made_a(log) == 1, log
+        assert list((env.data_dir / "local-runs").glob("*.json")) == []
+        state = (await env.client.get("/workspaces/local-killed/state")).json()
+        assert {r["name"] for r in state["resources"]} == {"a", "b"}
+
+
+async def _wait_tolerant(env: Env, deploy_id: str, limit: float) -> dict:
+    """Like Env.wait, but PostgreSQL may be coming back: errors and 503s are waited out."""
+    deadline = time.monotonic() + limit
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            r = await env.client.get(f"/deploys/{deploy_id}")
+            if r.status_code == 200 and r.json()["status"] in TERMINAL:
+                return r.json()
+            last = r.status_code, r.text[:200]
+        except Exception as exc:  # the pool's connections died with the server
+            last = exc
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"deploy {deploy_id} not ended after {limit}s: {last}")
+
+
+async def test_postgres_restarted_while_a_deploy_runs(tmp_path, runner_image):
+    """Scenario 2 (the worker's part): PostgreSQL goes away while terraform runs and comes back
+    after terraform ended: the worker (a subprocess) reconnects by itself and the outcome is
+    recorded, once, with no spurious worker_lost. Then a `pg_ctl restart` in the middle of a
+    second deploy: it succeeds too. A dedicated cluster, not the session's shared one."""
+    import shutil
+
+    from service.embedded import EmbeddedPostgres
+    from service.migrate import migrate
+
+    if not shutil.which("terraform"):
+        pytest.skip("no terraform on PATH")
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    url = pg.start()
+    try:
+        migrate(url)
+        async with environment(url, tmp_path, runner_image, runner="local") as env:
+            proc = env.spawn_worker("pg-worker")
+            d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 3}}, workspace="pg1")
+            await env.wait_log(d["id"], "B-STARTS")
+            await asyncio.to_thread(pg.stop, "fast")
+            await asyncio.sleep(15)  # terraform ends (about 3 s in) while PostgreSQL is down
+            await asyncio.to_thread(pg.start)
+            back_at, back_wall = time.monotonic(), datetime.now(UTC)
+            done = await _wait_tolerant(env, d["id"], 180)
+            seen_after = time.monotonic() - back_at
+            events = await env.events(d["id"])
+            recorded = datetime.fromisoformat(events[-1]["recorded_at"])
+            print(
+                f"\nscenario 2: PostgreSQL back -> outcome recorded in "
+                f"{(recorded - back_wall).total_seconds():.1f}s (seen through the API in {seen_after:.1f}s)"
+            )
+            assert done["status"] == "succeeded", done
+            types = [e["type"] for e in events]
+            assert types == ["Requested", "Started", "StatePersisted", "Succeeded"], types
+            log = await env.logs(d["id"])
+            assert "B-DONE" in log and _made_a(log) == 1
+
+            # The worker reconnected by itself: it takes the next deploy, and survives a
+            # `pg_ctl restart` in the middle of it.
+            d2 = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 4}}, workspace="pg2")
+            await _wait_log_tolerant(env, d2["id"], "B-STARTS", 180)
+            await asyncio.to_thread(_pg_ctl_restart, pg)
+            done2 = await _wait_tolerant(env, d2["id"], 180)
+            assert done2["status"] == "succeeded", done2
+            types = [e["type"] for e in await env.events(d2["id"])]
+            assert types == ["Requested", "Started", "StatePersisted", "Succeeded"], types
+            assert proc.poll() is None, env.worker_log("pg-worker")[-3000:]
+    finally:
+        pg.stop("immediate")
+
+
+async def _wait_log_tolerant(env: Env, deploy_id: str, text: str, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        with contextlib.suppress(Exception):
+            if text in await env.logs(deploy_id):
+                return
+        assert time.monotonic() < deadline, f"{text!r} never appeared in the log"
+        await asyncio.sleep(0.2)
+
+
+def _pg_ctl_restart(pg) -> None:  # type: ignore[no-untyped-def]
+    """`pg_ctl restart` with a log file: without -l the server keeps pg_ctl's stdout open, so
+    a captured run (EmbeddedPostgres.restart) never returns."""
+    log = pg.directory / "postgres.log"
+    subprocess.run(
+        pg._cmd("pg_ctl", "restart", "-w", "-t", "120", "-m", "fast", "-D", str(pg.pgdata), "-l", str(log)),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd="/", check=True, timeout=180,
+    )
+
+
+async def _wait_container_exited(deploy_id: str, limit: float = 120) -> None:
+    import docker
+
+    client = docker.from_env()
+    try:
+        deadline = time.monotonic() + limit
+        while True:
+            rows = await asyncio.to_thread(
+                client.api.containers, all=True, filters={"label": f"tfdeploy.deploy={deploy_id}"}
+            )
+            if rows and all(r["State"] == "exited" for r in rows):
+                return
+            assert time.monotonic() < deadline, rows
+            await asyncio.sleep(0.2)
+    finally:
+        client.close()
