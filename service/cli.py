@@ -269,9 +269,8 @@ def cmd_projections(settings: Settings, args: argparse.Namespace) -> int:
     async def go(url: str) -> int:
         import psycopg
 
-        async with await psycopg.AsyncConnection.connect(url) as conn:
-            async with conn.transaction():
-                n = await store.rebuild_projections(conn)
+        async with await psycopg.AsyncConnection.connect(url) as conn, conn.transaction():
+            n = await store.rebuild_projections(conn)
         print(f"rebuilt {n} deploy(s) from their events")
         return 0
 

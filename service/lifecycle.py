@@ -20,16 +20,16 @@ import msgspec
 
 from service.events import (
     Action,
-    CancelRequested,
     Cancelled,
+    CancelRequested,
     Destroyed,
     Event,
     Failed,
     Requested,
     Retried,
+    Started,
     StatePersisted,
     StateRescued,
-    Started,
     Succeeded,
 )
 

@@ -8,7 +8,6 @@ import os
 from importlib import resources
 from pathlib import Path
 
-import procrastinate
 import psycopg
 
 # Any constant works; it only has to differ from the other advisory locks we take.

@@ -97,10 +97,8 @@ class Worker:
             stop_task.cancel()
             exc = worker_task.exception() if not worker_task.cancelled() else None
             log.warning("queue worker stopped (%s); restarting in %.1fs", exc, pause)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=pause)
-            except TimeoutError:
-                pass
             pause = min(pause * 2, RESTART_PAUSE_MAX)
 
     def stop(self) -> None:

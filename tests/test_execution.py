@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest

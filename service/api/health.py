@@ -132,7 +132,7 @@ def attempt_durations(services: Services) -> AttemptDurations:
     found = services.extras.get("attempt_durations")
     if found is None:
         found = services.extras["attempt_durations"] = AttemptDurations()
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 class DatabaseFigures(msgspec.Struct, kw_only=True):
