@@ -1,0 +1,208 @@
+"""Cap utilisation: 40 deploys of a config that sleeps 1 s, cap 4: makespan against the ideal.
+
+    .venv/bin/python bench/cap.py [--quick] [--deploys N] [--cap C] [--runner local|docker|both]
+
+The API (in-process) and one worker (concurrency = cap) share this process. All deploys are
+sent at once, each to its own workspace (deploys of one workspace run one at a time by design).
+Makespan: first POST sent -> last deploy ``succeeded`` (read model polled every 5 ms).
+
+Anchors: the ideal ``N / cap × 1 s`` (sleep only), and ``N / cap × t1`` where t1 is the median
+time of the same config's init + apply run by hand (bare terraform, or one ``docker run`` doing
+init && apply), and the makespan of the same N runs by hand, ``cap`` at a time (a thread
+pool): what this machine allows at most with that many running at once. Also
+shown: the highest number of deploys between ``Started`` and their end at once (from the
+events), which must not exceed the cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import (  # noqa: E402
+    RUNNER_IMAGE,
+    cluster,
+    docker_ok,
+    harness,
+    median,
+    new_database,
+    pyspy_report,
+    pyspy_start,
+    table,
+)
+
+SPY = 0.0
+SPY_OUT = str(Path(tempfile.gettempdir()) / f"cap-spy-{os.getpid()}.txt")
+
+SLEEPS = """
+resource "terraform_data" "nap" {
+  provisioner "local-exec" { command = "sleep 1" }
+}
+"""
+
+
+def by_hand(kind: str) -> float:
+    d = tempfile.mkdtemp(prefix="tfbench-")
+    try:
+        os.chmod(d, 0o777)
+        Path(d, "main.tf").write_text(SLEEPS)
+        t0 = time.perf_counter()
+        if kind == "local":
+            env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": d, "TMPDIR": d,
+                   "CHECKPOINT_DISABLE": "1", "TF_IN_AUTOMATION": "1"}
+            for args in (["init", "-input=false"], ["apply", "-auto-approve", "-input=false"]):
+                subprocess.run(["terraform", *args], cwd=d, env=env, check=True, capture_output=True)
+        else:
+            subprocess.run(
+                ["docker", "run", "--rm", "--network", "none", "-v", f"{d}:/workspace", "-w", "/workspace",
+                 "--entrypoint", "/bin/sh", RUNNER_IMAGE, "-c",
+                 "terraform init -input=false && terraform apply -auto-approve -input=false; "
+                 "rm -rf .terraform .terraform.lock.hcl terraform.tfstate"],
+                check=True, capture_output=True,
+            )
+        return time.perf_counter() - t0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def by_hand_pool(kind: str, n: int, cap: int) -> float:
+    """n runs by hand, ``cap`` at a time: the makespan this machine allows at most."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(cap) as pool:
+        list(pool.map(lambda _: by_hand(kind), range(n)))
+    return time.perf_counter() - t0
+
+
+TIMINGS: dict[str, list[float]] = {}
+
+
+def instrument_docker() -> None:
+    """Time the Docker runner's engine calls (wrapping its methods here, in the bench)."""
+    import functools
+    import inspect
+
+    from service.runners.docker import DockerRunner
+
+    for name in ("_ensure_image", "running", "_create", "_remove", "_read_state_sync", "acquire_slot"):
+        fn = getattr(DockerRunner, name)
+        if inspect.iscoroutinefunction(fn):
+            async def timed_async(*a, __fn=fn, __name=name, **kw):  # type: ignore[no-untyped-def]
+                t0 = time.perf_counter()
+                try:
+                    return await __fn(*a, **kw)
+                finally:
+                    TIMINGS.setdefault(__name, []).append((time.perf_counter() - t0) * 1000)
+            setattr(DockerRunner, name, functools.wraps(fn)(timed_async))
+        else:
+            def timed_sync(*a, __fn=fn, __name=name, **kw):  # type: ignore[no-untyped-def]
+                t0 = time.perf_counter()
+                try:
+                    return __fn(*a, **kw)
+                finally:
+                    TIMINGS.setdefault(__name, []).append((time.perf_counter() - t0) * 1000)
+            setattr(DockerRunner, name, functools.wraps(fn)(timed_sync))
+
+
+async def measure(url: str, data_dir: str, kind: str, n: int, cap: int) -> dict[str, float]:
+    async with harness(url, data_dir, kind, max_concurrency=cap) as h:
+        # Warm-up: one deploy, so imports and terraform's first start are not in the makespan.
+        warm = await h.submit({"main.tf": SLEEPS}, workspace="warm")
+        await h.wait(warm)
+        t0 = time.perf_counter()
+        ids = [await h.submit({"main.tf": SLEEPS}, workspace=f"cap{i}") for i in range(n)]
+        t_sent = time.perf_counter() - t0
+        spy = None
+        if SPY:
+            spy = pyspy_start(os.getpid(), SPY, SPY_OUT)
+        statuses = [await h.wait(i) for i in ids]
+        pyspy_report(spy, SPY_OUT)
+        makespan = time.perf_counter() - t0
+        if any(s != "succeeded" for s in statuses):
+            raise RuntimeError(f"not all succeeded: {statuses}")
+        cur = await h.watch.execute(
+            """SELECT extract(epoch FROM s.recorded_at), extract(epoch FROM e.recorded_at)
+               FROM events s JOIN events e ON e.deploy_id = s.deploy_id AND e.type = 'Succeeded'
+               WHERE s.type = 'Started' AND s.deploy_id = ANY(%s::uuid[])""",
+            (ids,),
+        )
+        spans = [(float(a), float(b)) for a, b in await cur.fetchall()]
+    # Hand-over: the k-th Started (k > cap) got the slot the (k - cap)-th Succeeded freed.
+    starts = sorted(a for a, _ in spans)
+    ends = sorted(b for _, b in spans)
+    gaps = [(starts[k] - ends[k - cap]) * 1000 for k in range(cap, len(starts))]
+    points = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    running = peak = 0
+    for _, step in points:
+        running += step
+        peak = max(peak, running)
+    busy = sum(b - a for a, b in spans)
+    return {"makespan": makespan, "sent": t_sent, "peak": peak, "busy": busy,
+            "gap": median(gaps) if gaps else float("nan"),
+            "run": median([(b - a) for a, b in spans])}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--deploys", type=int)
+    ap.add_argument("--cap", type=int, default=4)
+    ap.add_argument("--runner", default="both", choices=["local", "docker", "both"])
+    ap.add_argument("--hand-runs", type=int)
+    ap.add_argument("--instrument", action="store_true", help="time the Docker runner's engine calls")
+    ap.add_argument("--pyspy", type=float, default=0.0, help="py-spy this process for S seconds of the run")
+    args = ap.parse_args()
+    global SPY
+    SPY = args.pyspy
+    if args.instrument:
+        instrument_docker()
+    cap = args.cap
+    kinds = ["local", "docker"] if args.runner == "both" else [args.runner]
+    rows: list[list[object]] = []
+    extra: list[list[object]] = []
+    notes = []
+    with cluster() as pg, tempfile.TemporaryDirectory() as data_dir:
+        for kind in kinds:
+            if kind == "docker" and not docker_ok():
+                notes.append(f"docker: skipped (no engine answers or no image {RUNNER_IMAGE})")
+                continue
+            n = args.deploys or ((8 if kind == "local" else 4) if args.quick else 40)
+            hand_runs = args.hand_runs or (1 if args.quick else 5)
+            t1 = median([by_hand(kind) for _ in range(hand_runs)])
+            url = new_database(pg)
+            m = asyncio.run(measure(url, data_dir, kind, n, cap))
+            pooled = by_hand_pool(kind, n, cap)
+            waves = -(-n // cap)
+            ideal, ideal_tf = waves * 1.0, waves * t1
+            rows.append([kind, n, cap, m["makespan"], ideal, m["makespan"] / ideal, t1, ideal_tf,
+                         pooled, m["makespan"] / pooled, m["busy"] / (cap * m["makespan"]), m["peak"]])
+            extra.append([kind, m["run"], t1, m["gap"]])
+    table(["runner", "deploys", "cap", "makespan (s)", "ideal (s)", "ratio", "by hand t1 (s)",
+           "waves × t1 (s)", f"by hand, {cap} at a time (s)", "ratio to by hand", "slot use",
+           "peak running"],
+          rows, title="Cap utilisation (target makespan <= 1.10 × ideal)")
+    if extra:
+        table(["runner", "Started -> Succeeded median (s)", "by hand t1 (s)",
+               "slot hand-over: Succeeded -> next Started median (ms)"], extra,
+              title="Where a slot's time goes")
+    if TIMINGS:
+        table(["DockerRunner call", "calls", "median (ms)", "p90 (ms)"],
+              [[k, len(v), median(v), sorted(v)[int(0.9 * (len(v) - 1))]] for k, v in TIMINGS.items()],
+              title="Docker runner calls (timed in the bench; acquire_slot includes the wait for a slot)")
+    for note in notes:
+        print(note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
