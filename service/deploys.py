@@ -127,7 +127,6 @@ class Deploys:
                 secret_names=sorted(new.secrets),
             )
             events = decide(command, INITIAL)
-            stored = await store.append(conn, deploy_id, 0, events, actor, prior=[])
             await conn.execute(
                 q("insert_inputs"),
                 {
@@ -147,7 +146,10 @@ class Deploys:
                     q("insert_idempotency"),
                     {"owner": owner, "key": key, "request_sha256": digest, "deploy_id": deploy_id},
                 )
-            await self._react(conn, DeployState(), stored)
+            await self._react(conn, deploy_id, DeployState(), events)
+            # Last: the append holds the global append lock until commit, so everything else
+            # in this transaction happens before it.
+            stored = await store.append(conn, deploy_id, 0, events, actor, prior=[])
             return view_of(stored), True
 
     # ------------------------------------------------------------ commands
@@ -168,34 +170,37 @@ class Deploys:
                         raise NotFound(deploy_id)
                     state = fold(e.event for e in prior)
                     events = decide(command, state)
+                    await self._react(conn, deploy_id, state, events)
+                    # Last, as in request(): the append lock is then held only to commit.
                     new = await store.append(
                         conn, deploy_id, prior[-1].version, events, actor, prior=prior
                     )
-                    await self._react(conn, state, new)
                     return new, view_of([*prior, *new])
             except store.VersionConflict:
                 continue
         raise store.VersionConflict(deploy_id, -1, -1)
 
-    async def _react(self, conn: Any, before: DeployState, new: Sequence[StoredEvent]) -> None:
-        """What the new events require, in their transaction."""
-        state = fold((e.event for e in new), before)
-        for record in new:
-            event = record.event
+    async def _react(
+        self, conn: Any, deploy_id: str, before: DeployState, events: Sequence[Event]
+    ) -> None:
+        """What the new events require, in their transaction (which rolls back with them if
+        the append that follows conflicts)."""
+        state = fold(events, before)
+        for event in events:
             if isinstance(event, Requested):
                 await self.queue.defer_run(
-                    conn, deploy_id=record.deploy_id, attempt=1, workspace=event.workspace
+                    conn, deploy_id=deploy_id, attempt=1, workspace=event.workspace
                 )
             elif isinstance(event, Retried):
                 await self.queue.defer_run(
                     conn,
-                    deploy_id=record.deploy_id,
+                    deploy_id=deploy_id,
                     attempt=event.attempt,
                     workspace=state.workspace,
                     delay=event.delay_seconds,
                 )
             if ends_deploy(event):
-                await conn.execute(q("delete_secrets"), {"deploy_id": record.deploy_id})
+                await conn.execute(q("delete_secrets"), {"deploy_id": deploy_id})
 
     # ------------------------------------------------------------ reads
 
