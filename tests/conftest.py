@@ -7,6 +7,7 @@ import itertools
 import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -70,3 +71,45 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
         if item.get_closest_marker(marker) and os.environ.get(env):
             report.outcome = "failed"
             report.longrepr = f"{marker} is required here ({env} is set) but the test skipped: {report.longrepr}"
+
+
+# ---------------------------------------------------------------- the app's services and users
+
+
+@pytest.fixture
+async def services(database_url: str, tmp_path: Any) -> AsyncIterator[Any]:
+    """Everything the API needs, on a fresh database (a small body limit for the size tests)."""
+    from service.services import open_services
+    from service.settings import from_env
+
+    settings = from_env({}, data_dir=str(tmp_path), max_request_bytes=64 * 1024)
+    opened = await open_services(settings, database_url, pool_size=10)
+    yield opened
+    await opened.close()  # closes the SSE hub too
+
+
+@pytest.fixture
+async def tokens(services: Any) -> dict[str, str]:
+    """Users ann, bob and cat, and the admin root."""
+    from service.auth import create_token
+
+    async with services.pool.connection() as conn:
+        return {
+            "ann": await create_token(conn, "ann"),
+            "bob": await create_token(conn, "bob"),
+            "cat": await create_token(conn, "cat"),
+            "root": await create_token(conn, "root", admin=True),
+        }
+
+
+@pytest.fixture
+async def client(services: Any) -> AsyncIterator[Any]:
+    """An httpx client on the app, in the pool's event loop (Litestar's AsyncTestClient runs
+    another loop, which the psycopg pool cannot share)."""
+    import httpx
+
+    from service.api.app import create_app
+
+    transport = httpx.ASGITransport(app=create_app(services))
+    async with httpx.AsyncClient(transport=transport, base_url="http://tfdeploy.test") as c:
+        yield c

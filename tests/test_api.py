@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from service.api.app import create_app
-from service.auth import create_token
 from service.lifecycle import AttemptFailed, StartAttempt
 from service.logs import append_lines, append_log, read_logs
 from service.services import Services, open_services
@@ -27,24 +26,6 @@ COUNTED_TABLES = (
     "idempotency_keys",
     "procrastinate_jobs",
 )
-
-
-@pytest.fixture
-async def services(database_url: str, tmp_path: Any) -> AsyncIterator[Services]:
-    settings = from_env({}, data_dir=str(tmp_path), max_request_bytes=64 * 1024)
-    services = await open_services(settings, database_url, pool_size=5)
-    yield services
-    await services.close()
-
-
-@pytest.fixture
-async def tokens(services: Services) -> dict[str, str]:
-    async with services.pool.connection() as conn:
-        return {
-            "ann": await create_token(conn, "ann"),
-            "bob": await create_token(conn, "bob"),
-            "root": await create_token(conn, "root", admin=True),
-        }
 
 
 class Api:

@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import random
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from service import store
-from service.api.app import create_app
 from service.api.events import audit_page
-from service.auth import create_token
 from service.deploys import NewDeploy
 from service.lifecycle import (
     AttemptFailed,
@@ -38,38 +35,11 @@ from service.lifecycle import (
     StateNotPersisted,
 )
 from service.notify import hub_of
-from service.services import Services, open_services
-from service.settings import from_env
+from service.services import Services
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_TF = 'resource "null_resource" "x" {}\n'
 ACTOR_RE = re.compile(r"^(user|admin|worker):[^\s:]+$")
-
-
-@pytest.fixture
-async def services(database_url: str, tmp_path: Any) -> AsyncIterator[Services]:
-    settings = from_env({}, data_dir=str(tmp_path))
-    services = await open_services(settings, database_url, pool_size=10)
-    yield services
-    await services.close()
-
-
-@pytest.fixture
-async def tokens(services: Services) -> dict[str, str]:
-    async with services.pool.connection() as conn:
-        return {
-            "ann": await create_token(conn, "ann"),
-            "bob": await create_token(conn, "bob"),
-            "cat": await create_token(conn, "cat"),
-            "root": await create_token(conn, "root", admin=True),
-        }
-
-
-@pytest.fixture
-async def client(services: Services) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://tfdeploy.test") as c:
-        yield c
 
 
 def bearer(token: str) -> dict[str, str]:

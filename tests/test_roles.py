@@ -15,8 +15,6 @@ a new endpoint cannot arrive without its role rules being tested.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -33,8 +31,7 @@ from service.lifecycle import (
     Replay,
     StartAttempt,
 )
-from service.services import Services, open_services
-from service.settings import from_env
+from service.services import Services
 
 MAIN_TF = 'resource "null_resource" "x" {}\n'
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
@@ -80,31 +77,6 @@ def concrete(path: str, deploy_id: str, workspace: str) -> str:
 
 def guarded_routes() -> list[tuple[str, str]]:
     return sorted(route for route, role in ROUTES.items() if role != "open")
-
-
-@pytest.fixture
-async def services(database_url: str, tmp_path: Any) -> AsyncIterator[Services]:
-    settings = from_env({}, data_dir=str(tmp_path), max_request_bytes=64 * 1024)
-    services = await open_services(settings, database_url, pool_size=10)
-    yield services
-    await services.close()
-
-
-@pytest.fixture
-async def tokens(services: Services) -> dict[str, str]:
-    async with services.pool.connection() as conn:
-        return {
-            "ann": await create_token(conn, "ann"),
-            "bob": await create_token(conn, "bob"),
-            "root": await create_token(conn, "root", admin=True),
-        }
-
-
-@pytest.fixture
-async def client(services: Services) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://tfdeploy.test") as c:
-        yield c
 
 
 def bearer(token: str) -> dict[str, str]:

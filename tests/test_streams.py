@@ -32,32 +32,13 @@ from service.deploys import NewDeploy
 from service.lifecycle import AttemptFailed, AttemptSucceeded, PersistedState, StartAttempt
 from service.logs import append_lines, read_logs
 from service.notify import Hub, hub_of
-from service.services import Services, open_services
-from service.settings import from_env
+from service.services import Services
 
 MAIN_TF = 'resource "terraform_data" "x" {}\n'
 WORKER = "worker:w"
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-async def services(database_url: str, tmp_path: Any) -> AsyncIterator[Services]:
-    settings = from_env({}, data_dir=str(tmp_path))
-    services = await open_services(settings, database_url, pool_size=10)
-    yield services
-    await services.close()  # closes the hub too
-
-
-@pytest.fixture
-async def tokens(services: Services) -> dict[str, str]:
-    async with services.pool.connection() as conn:
-        return {
-            "ann": await create_token(conn, "ann"),
-            "bob": await create_token(conn, "bob"),
-            "root": await create_token(conn, "root", admin=True),
-        }
 
 
 class NoSignalServer(uvicorn.Server):
