@@ -71,21 +71,7 @@ class DeployOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     @classmethod
     def of(cls, view: DeployView) -> DeployOut:
-        return cls(
-            id=view.id,
-            workspace=view.workspace,
-            action=view.action,
-            status=view.status,
-            attempt=view.attempt,
-            max_attempts=view.max_attempts,
-            created_at=view.created_at,
-            updated_at=view.updated_at,
-            error=ErrorOut(view.error.reason, view.error.message) if view.error else None,
-            owner=view.owner,
-            version=view.version,
-            cancel_requested=view.cancel_requested,
-            state_version=view.state_version,
-        )
+        return msgspec.convert(view, cls, from_attributes=True)
 
 
 class DeployPage(msgspec.Struct, frozen=True):
@@ -104,15 +90,7 @@ class EventOut(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def of(cls, event: StoredEvent) -> EventOut:
-        return cls(
-            position=event.position,
-            deploy_id=event.deploy_id,
-            version=event.version,
-            type=event.type,
-            data=dict(event.data),
-            recorded_at=event.recorded_at,
-            actor=event.actor,
-        )
+        return msgspec.convert(event, cls, from_attributes=True)
 
 
 class EventList(msgspec.Struct, frozen=True):
@@ -142,18 +120,7 @@ class StateVersionOut(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def of(cls, v: StateVersion) -> StateVersionOut:
-        return cls(
-            workspace=v.workspace,
-            version=v.version,
-            deploy_id=v.deploy_id,
-            attempt=v.attempt,
-            store=v.store,
-            serial=v.serial,
-            lineage=v.lineage,
-            sha256=v.sha256,
-            size=v.size,
-            created_at=v.created_at,
-        )
+        return msgspec.convert(v, cls, from_attributes=True)
 
 
 class StateVersionPage(msgspec.Struct, frozen=True):

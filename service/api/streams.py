@@ -92,13 +92,7 @@ class LogOut(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def of(cls, line: LogLine) -> LogOut:
-        return cls(
-            seq=line.seq,
-            attempt=line.attempt,
-            stream=line.stream,
-            line=line.line,
-            after_version=line.after_version,
-        )
+        return msgspec.convert(line, cls, from_attributes=True)
 
 
 class DeployMessage(msgspec.Struct, frozen=True):
