@@ -395,6 +395,9 @@ def _check_contents(files: dict[str, str], hcl_parse_budget: int | None) -> None
     to_parse: list[tuple[int, str, str]] = []
     for name in sorted(files):
         content = files[name]
+        if "\x00" in content:
+            # Not text (terraform refuses it too), and PostgreSQL cannot store it.
+            raise _invalid(f"file {_show(name)} contains a NUL character")
         if name.endswith(".json"):
             _check_json(name, content)
             continue

@@ -27,7 +27,7 @@ from litestar.types import ControllerRouterHandler
 
 from service.api.auth import SECURITY_SCHEMES, current_principal
 from service.api.deploys import DeployController
-from service.api.errors import EXCEPTION_HANDLERS
+from service.api.errors import EXCEPTION_HANDLERS, refuse_repeated_query_parameters
 from service.api.events import EventController
 from service.api.health import HealthController
 from service.api.streams import STREAM_ROUTES, StreamOptions
@@ -99,6 +99,7 @@ def create_app(
             "principal": Provide(current_principal),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=refuse_repeated_query_parameters,
         openapi_config=openapi_config(),
         # The deploy handler enforces the same limit itself, with its own message; this one
         # guards every other route.

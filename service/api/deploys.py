@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.exceptions import InternalServerException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.spec import (
     OpenAPIMediaType,
     OpenAPIType,
@@ -21,7 +23,14 @@ from litestar.params import Parameter
 
 from service import store
 from service.api.auth import SECURITY, require_admin, visible_deploy
-from service.api.errors import TooLarge, Unprocessable, check_limit
+from service.api.errors import (
+    Malformed,
+    TooLarge,
+    Unprocessable,
+    UnsupportedMediaType,
+    check_limit,
+    check_text,
+)
 from service.api.schemas import (
     DeployOut,
     DeployPage,
@@ -52,12 +61,43 @@ async def read_body(request: Request[Any, Any, Any], max_bytes: int) -> bytes:
         raise TooLarge(f"request body larger than {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise TooLarge(f"request body larger than {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise TooLarge(f"request body larger than {max_bytes} bytes")
+            chunks.append(chunk)
+    except RequestEntityTooLarge:
+        # Litestar's own limit (the app's request_max_body_size, the same number) came first.
+        raise TooLarge(f"request body larger than {max_bytes} bytes") from None
+    except InternalServerException:
+        # "client disconnected prematurely": nobody hears the answer, but it is no server error.
+        raise Malformed("the client disconnected before the request body was complete") from None
     return b"".join(chunks)
+
+
+def check_json_content_type(request: Request[Any, Any, Any]) -> None:
+    """415 unless the body is announced as JSON in UTF-8: ``application/json`` (or another
+    ``application/*+json``), no charset or a UTF-8 one. A missing Content-Type is taken as JSON."""
+    header = request.headers.get("content-type")
+    if header is None or not header.strip():
+        return
+    media_type, _, params = header.partition(";")
+    media_type = media_type.strip().lower()
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+                "utf-8",
+                "utf8",
+            ):
+                raise UnsupportedMediaType("the request body must be JSON in UTF-8")
+        return
+    raise UnsupportedMediaType(
+        f"the request body must be JSON (Content-Type: application/json), not {ascii(media_type)[:80]}"
+    )
 
 
 def _string_map(description: str) -> Schema:
@@ -115,7 +155,7 @@ class DeployController(Controller):
         status_code=202,
         summary="Request a deploy",
         operation_class=DeployRequestOperation,
-        responses=error_responses(400, 413, 422),
+        responses=error_responses(400, 413, 415, 422),
         description=(
             "Queues a deploy and answers 202 with it. With an `Idempotency-Key`, the same key "
             "and the same request return the same deploy (header `Idempotent-Replayed: true`); "
@@ -133,8 +173,14 @@ class DeployController(Controller):
             description=f"At most {IDEMPOTENCY_KEY_MAX} characters.",
         ),
     ) -> Response[DeployOut]:
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
-            raise Unprocessable(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} characters")
+        if idempotency_key is not None and (
+            not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX
+            or not idempotency_key.isprintable()
+        ):
+            raise Unprocessable(
+                f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable characters"
+            )
+        check_json_content_type(request)
         settings = services.settings
         # JSON escaping inflates content: the raw body may exceed the content limit somewhat;
         # the content itself is held to max_request_bytes by validation (413).
@@ -163,7 +209,9 @@ class DeployController(Controller):
         services: Services,
         principal: Principal,
         status: str | None = Parameter(
-            required=False, description="One of " + ", ".join(STATUSES) + "."
+            required=False,
+            description="One of " + ", ".join(STATUSES) + ".",
+            schema_extra={"enum": list(STATUSES)},
         ),
         workspace: str | None = Parameter(required=False),
         owner: str | None = Parameter(
@@ -181,6 +229,8 @@ class DeployController(Controller):
         if status is not None and status not in STATUSES:
             raise Unprocessable(f"status must be one of {', '.join(STATUSES)}")
         check_limit(limit, LIST_LIMIT_MAX)
+        check_text("workspace", workspace)
+        check_text("owner", owner)
         after = decode_cursor(cursor) if cursor else None
         if not principal.admin:
             if owner is not None and owner != principal.name:
@@ -232,7 +282,7 @@ class DeployController(Controller):
         "/{deploy_id:str}/logs",
         summary="Terraform output so far",
         responses=error_responses(400, 404),
-        media_type="text/plain; charset=utf-8",
+        media_type=MediaType.TEXT,  # Litestar adds "; charset=utf-8"
     )
     async def deploy_logs(
         self,
@@ -248,9 +298,7 @@ class DeployController(Controller):
             lines = await read_logs(conn, deploy.id, after_seq=after_seq)
         headers = {"X-Last-Seq": str(lines[-1].seq if lines else after_seq)}
         return Response(
-            "\n".join(line.line for line in lines),
-            media_type="text/plain; charset=utf-8",
-            headers=headers,
+            "\n".join(line.line for line in lines), media_type=MediaType.TEXT, headers=headers
         )
 
     @post(

@@ -59,6 +59,12 @@ class TooLarge(ApiError):
     status_code = 413
 
 
+class UnsupportedMediaType(ApiError):
+    """A request body in a media type the route does not read (``POST /deploys`` takes JSON)."""
+
+    status_code = 415
+
+
 class Unprocessable(ApiError):
     """Readable, but not a valid value (an unknown status filter, a limit out of range)."""
 
@@ -70,6 +76,24 @@ def check_limit(limit: int, maximum: int, name: str = "limit") -> int:
     if not 1 <= limit <= maximum:
         raise Unprocessable(f"{name} must be between 1 and {maximum}")
     return limit
+
+
+def check_text(name: str, value: str | None) -> str | None:
+    """A free-text filter (a workspace, an actor, ...), 400 when it holds a NUL character, which
+    no stored value can hold (PostgreSQL text refuses it) and psycopg would not even send."""
+    if value is not None and "\x00" in value:
+        raise Malformed(f"{name} must not contain a NUL character")
+    return value
+
+
+async def refuse_repeated_query_parameters(request: Request[Any, Any, Any]) -> None:
+    """``before_request`` of the app: no route takes a query parameter twice, so ``?limit=1&limit=
+    500`` is refused (400) rather than silently read as one of its values."""
+    seen: set[str] = set()
+    for key, _ in request.query_params.multi_items():
+        if key in seen:
+            raise Malformed(f"query parameter {key!r} given more than once")
+        seen.add(key)
 
 
 def error_response(
@@ -117,6 +141,13 @@ def _unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return error_response(503, "database unavailable", headers={"Retry-After": "5"})
 
 
+def _data_error(request: Request[Any, Any, Any], exc: psycopg.DataError) -> Response[Any]:
+    # A value the database cannot take (out of range, NUL in text, ...): the handlers refuse such
+    # input themselves; this is the net under them, so a missed case is a 400, never a 500.
+    log.warning("%s %s: data error: %s", request.method, request.url.path, exc)
+    return error_response(400, "malformed request: a value is out of range or not valid text")
+
+
 def _state_store(_: Request[Any, Any, Any], exc: StateStoreError) -> Response[Any]:
     log.warning("state store unavailable: %s", exc)
     return error_response(503, "state store unavailable", headers={"Retry-After": "5"})
@@ -149,6 +180,7 @@ EXCEPTION_HANDLERS: MutableMapping[
     IdempotencyMismatch: _idempotency,
     InvalidRequest: _invalid_request,
     psycopg.OperationalError: _unavailable,
+    psycopg.DataError: _data_error,
     PoolTimeout: _unavailable,
     StateStoreError: _state_store,
     ValidationException: _validation,

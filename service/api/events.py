@@ -11,15 +11,27 @@ from typing import Any
 from uuid import UUID
 
 from litestar import Controller, get
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIType, Schema
 from litestar.params import Parameter
 
 from service import store
 from service.api.auth import SECURITY
-from service.api.errors import Malformed, check_limit
+from service.api.errors import Malformed, check_limit, check_text
 from service.api.schemas import EventOut, EventPage, error_responses
 from service.auth import Principal
 from service.projection import StoredEvent
 from service.services import Services
+
+
+# "" is taken as "not given" (as an HTML form sends an empty field): documented as such.
+def _or_empty(format_: OpenAPIFormat) -> dict[str, Any]:
+    return {
+        "one_of": [
+            Schema(type=OpenAPIType.STRING, format=format_),
+            Schema(type=OpenAPIType.STRING, max_length=0),
+        ]
+    }
+
 
 EVENTS_LIMIT_MAX = 1000
 EVENTS_LIMIT_DEFAULT = 100
@@ -84,7 +96,11 @@ class EventController(Controller):
         self,
         services: Services,
         principal: Principal,
-        deploy_id: str | None = Parameter(required=False, description="A deploy's id."),
+        deploy_id: str | None = Parameter(
+            required=False,
+            description="A deploy's id.",
+            schema_extra=_or_empty(OpenAPIFormat.UUID),
+        ),
         workspace: str | None = Parameter(required=False),
         type_: str | None = Parameter(query="type", required=False, description="Event type."),
         actor: str | None = Parameter(
@@ -93,12 +109,12 @@ class EventController(Controller):
         since: str | None = Parameter(
             required=False,
             description="ISO 8601; events recorded at or after it.",
-            schema_extra={"format": "date-time"},
+            schema_extra=_or_empty(OpenAPIFormat.DATE_TIME),
         ),
         until: str | None = Parameter(
             required=False,
             description="ISO 8601; events recorded before it.",
-            schema_extra={"format": "date-time"},
+            schema_extra=_or_empty(OpenAPIFormat.DATE_TIME),
         ),
         after: int = Parameter(default=0, ge=0, description="Only events after this position."),
         limit: int = Parameter(
@@ -108,6 +124,9 @@ class EventController(Controller):
         ),
     ) -> EventPage:
         check_limit(limit, EVENTS_LIMIT_MAX)
+        check_text("workspace", workspace)
+        check_text("type", type_)
+        check_text("actor", actor)
         if deploy_id:
             try:
                 deploy_id = str(UUID(deploy_id))

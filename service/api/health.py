@@ -18,7 +18,8 @@ from service.queue import QUEUE_NAME
 from service.services import Services
 
 HEALTH_TIMEOUT = 3.0
-METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Litestar appends "; charset=utf-8" to a text/* media type.
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4"
 
 HEALTH_SQL = "SELECT 1"
 # What the database knows; every figure is database-wide (the same from every API process).

@@ -33,6 +33,7 @@ _ERROR_MEANING = {
     404: "Unknown, or not yours.",
     409: "Conflicts with the deploy's current state.",
     413: "Request too large.",
+    415: "The request body is not JSON (send `Content-Type: application/json`).",
     422: "Invalid request.",
     503: "Database unavailable.",
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from service import store
@@ -19,12 +20,31 @@ from service.auth import Principal
 from service.deploys import NotFound
 from service.services import Services
 from service.statestores import index
+from service.validation import WORKSPACE_NAME
 
 STATES_LIMIT_MAX = 200
+VERSION_MAX = 2**31 - 1  # state_versions.version is an integer
 STATE_MEDIA_TYPE = "application/json"
 
 
+def _state_responses() -> dict[int, ResponseSpec]:
+    """The handlers answer raw bytes (the tfstate as stored); document them as the JSON object
+    they are."""
+    return {
+        200: ResponseSpec(
+            data_container=dict[str, Any],
+            description="The tfstate, as terraform wrote it (a JSON object).",
+            generate_examples=False,
+        ),
+        **error_responses(400, 404),
+    }
+
+
 async def _check_visible(conn: Any, principal: Principal, name: str) -> None:
+    """NotFound unless ``principal`` may see workspace ``name``. A name no deploy may carry
+    (service.validation.WORKSPACE_NAME) names no workspace: 404 at once, without a query."""
+    if WORKSPACE_NAME.match(name) is None:
+        raise NotFound("workspace not found")
     if principal.admin:
         return
     mine = await store.list_deploys(conn, owner=principal.name, workspace=name, limit=1)
@@ -57,7 +77,7 @@ class WorkspaceController(Controller):
         "/{name:str}/state",
         summary="The latest persisted tfstate",
         media_type=STATE_MEDIA_TYPE,
-        responses=error_responses(404),
+        responses=_state_responses(),
     )
     async def latest_state(
         self, services: Services, principal: Principal, state_store: Any, name: str
@@ -86,7 +106,7 @@ class WorkspaceController(Controller):
             schema_extra={"minimum": 1, "maximum": STATES_LIMIT_MAX},
         ),
         before: int | None = Parameter(
-            required=False, description="The `next` of the previous page.", ge=1
+            required=False, description="The `next` of the previous page.", ge=1, le=VERSION_MAX
         ),
     ) -> StateVersionPage:
         check_limit(limit, STATES_LIMIT_MAX)
@@ -103,7 +123,7 @@ class WorkspaceController(Controller):
     @get(
         "/{name:str}/states/{version:int}",
         summary="One state version's tfstate",
-        responses=error_responses(400, 404),
+        responses=_state_responses(),
         media_type=STATE_MEDIA_TYPE,
     )
     async def state_version(
@@ -116,7 +136,9 @@ class WorkspaceController(Controller):
     ) -> Response[bytes]:
         async with services.pool.connection() as conn:
             await _check_visible(conn, principal, name)
-            found = await index.get_version(conn, name, version)
+            found = (
+                await index.get_version(conn, name, version) if 1 <= version <= VERSION_MAX else None
+            )
         if found is None:
             raise NotFound("state version not found")
         content = await state_store.get(name, found.version, found.location)
