@@ -1,8 +1,13 @@
 """Cap utilisation: 40 deploys of a config that sleeps 1 s, cap 4: makespan against the ideal.
 
     .venv/bin/python bench/cap.py [--quick] [--deploys N] [--cap C] [--runner local|docker|both]
+                                  [--no-prefetch] [--trace]
 
-The API (in-process) and one worker (concurrency = cap) share this process. All deploys are
+``--no-prefetch`` runs the worker as before the prefetch (procrastinate concurrency = cap, so a
+job is fetched only when one ends); ``--trace`` prints where each slot's time goes, from the
+events and log lines' ``recorded_at``.
+
+The API (in-process) and one worker (concurrency = cap + prefetch) share this process. All deploys are
 sent at once, each to its own workspace (deploys of one workspace run one at a time by design).
 Makespan: first POST sent -> last deploy ``succeeded`` (read model polled every 5 ms).
 
@@ -41,6 +46,7 @@ from bench._common import (  # noqa: E402
 )
 
 SPY = 0.0
+TRACE = False
 SPY_OUT = str(Path(tempfile.gettempdir()) / f"cap-spy-{os.getpid()}.txt")
 
 SLEEPS = """
@@ -137,6 +143,8 @@ async def measure(url: str, data_dir: str, kind: str, n: int, cap: int) -> dict[
             (ids,),
         )
         spans = [(float(a), float(b)) for a, b in await cur.fetchall()]
+        if TRACE:
+            await trace(h.watch, ids, cap)
     # Hand-over: the k-th Started (k > cap) got the slot the (k - cap)-th Succeeded freed.
     starts = sorted(a for a, _ in spans)
     ends = sorted(b for _, b in spans)
@@ -152,6 +160,40 @@ async def measure(url: str, data_dir: str, kind: str, n: int, cap: int) -> dict[
             "run": median([(b - a) for a, b in spans])}
 
 
+async def trace(conn, ids: list[str], cap: int) -> None:  # type: ignore[no-untyped-def]
+    """Per deploy: Started, first/last log line, StatePersisted, Succeeded (``recorded_at``,
+    PostgreSQL's clock). The runner frees its slot right after terraform's last line (state read,
+    temp dir removed), so the k-th Started (k > cap) is compared with the (k - cap)-th last line:
+    the time a slot stood empty."""
+    cur = await conn.execute(
+        """SELECT e.deploy_id::text,
+                  extract(epoch FROM max(e.recorded_at) FILTER (WHERE e.type = 'Started')),
+                  extract(epoch FROM max(e.recorded_at) FILTER (WHERE e.type = 'StatePersisted')),
+                  extract(epoch FROM max(e.recorded_at) FILTER (WHERE e.type = 'Succeeded')),
+                  (SELECT extract(epoch FROM min(l.recorded_at)) FROM deploy_logs l
+                    WHERE l.deploy_id = e.deploy_id AND l.stream <> 'system'),
+                  (SELECT extract(epoch FROM max(l.recorded_at)) FROM deploy_logs l
+                    WHERE l.deploy_id = e.deploy_id AND l.stream <> 'system')
+           FROM events e WHERE e.deploy_id = ANY(%s::uuid[]) GROUP BY e.deploy_id""",
+        (ids,),
+    )
+    rows = [[float(x) for x in r[1:]] for r in await cur.fetchall()]
+    ms = lambda xs: median(xs) * 1000  # noqa: E731
+    starts = sorted(r[0] for r in rows)
+    lasts = sorted(r[4] for r in rows)
+    empty = [starts[k] - lasts[k - cap] for k in range(cap, len(starts))]
+    table(
+        ["phase (median)", "ms"],
+        [["Started -> first terraform line", ms([r[3] - r[0] for r in rows])],
+         ["first -> last terraform line", ms([r[4] - r[3] for r in rows])],
+         ["last line -> StatePersisted", ms([r[1] - r[4] for r in rows])],
+         ["StatePersisted -> Succeeded", ms([r[2] - r[1] for r in rows])],
+         ["slot empty: a last line -> the next Started", ms(empty)],
+         ["slot empty, p90", sorted(empty)[int(0.9 * (len(empty) - 1))] * 1000]],
+        title="Where a slot's time goes (from recorded_at)",
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -161,9 +203,15 @@ def main() -> int:
     ap.add_argument("--hand-runs", type=int)
     ap.add_argument("--instrument", action="store_true", help="time the Docker runner's engine calls")
     ap.add_argument("--pyspy", type=float, default=0.0, help="py-spy this process for S seconds of the run")
+    ap.add_argument("--no-prefetch", action="store_true", help="worker concurrency = cap (as before)")
+    ap.add_argument("--trace", action="store_true", help="where each slot's time goes")
     args = ap.parse_args()
-    global SPY
-    SPY = args.pyspy
+    global SPY, TRACE
+    SPY, TRACE = args.pyspy, args.trace
+    if args.no_prefetch:
+        import service.worker
+
+        service.worker.queue_concurrency = lambda cap: cap
     if args.instrument:
         instrument_docker()
     cap = args.cap

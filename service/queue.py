@@ -11,7 +11,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import procrastinate
+from procrastinate.jobs import Job
+from procrastinate.retry import BaseRetryStrategy, RetryDecision
 from psycopg import AsyncConnection
+
+from service.statestores.base import StateStoreError
 
 QUEUE_NAME = "deploys"
 TASK_NAME = "tfdeploy.run_deploy"
@@ -23,13 +27,32 @@ def workspace_lock(workspace: str) -> str:
     return f"workspace:{workspace}"
 
 
+STORE_RETRY_MAX_WAIT = 60
+
+
+class StoreUnavailableRetry(BaseRetryStrategy):
+    """Run the job again later when the state store could not be read before the attempt began.
+
+    A StateStoreError reaches the job only from reading the workspace's latest state before
+    ``Started`` (after it, the deployer keeps state failures in the lifecycle: destroy, then
+    ``Failed(state_not_persisted)``). Without a retry the job would end failed and the deploy
+    stay queued with no job at all; with it the deploy stays queued until the store answers:
+    2, 4, 8 ... 60 s apart, for as long as it takes (a cancel turns the next run into a no-op).
+    """
+
+    def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
+        if not isinstance(exception, StateStoreError):
+            return None
+        return RetryDecision(retry_in={"seconds": min(2 ** (job.attempts + 1), STORE_RETRY_MAX_WAIT)})
+
+
 class Queue:
     def __init__(self, url: str, *, pool_size: int = 4) -> None:
         connector = procrastinate.PsycopgConnector(conninfo=url, min_size=1, max_size=pool_size)
         self.app = procrastinate.App(connector=connector, worker_defaults={"install_signal_handlers": False})
         self._handler: Handler | None = None
 
-        @self.app.task(name=TASK_NAME, queue=QUEUE_NAME)
+        @self.app.task(name=TASK_NAME, queue=QUEUE_NAME, retry=StoreUnavailableRetry())
         async def run_deploy(deploy_id: str, attempt: int) -> None:
             if self._handler is None:
                 raise RuntimeError("no deploy handler installed in this process")

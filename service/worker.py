@@ -23,6 +23,20 @@ from service.statestores import StateStore, make_state_store
 log = logging.getLogger("tfdeploy.worker")
 
 RESTART_PAUSE_MAX = 10.0
+# Jobs fetched beyond the cap: they wait in the runner's acquire_slot, already folded and
+# prepared, so a freed slot is refilled at once instead of after the ended job's bookkeeping,
+# the next fetch and the next fold (docs/benchmarks.md, cap utilisation). The cap itself is the
+# runner's; these only wait.
+PREFETCH_MAX = 4
+# procrastinate fetches again at once while it finds jobs, and on the NOTIFY of an inserted job;
+# once a fetch found none (the queued jobs' workspaces were busy), a workspace lock released by a
+# job ending is noticed only at this poll -- so keep it short.
+FETCH_POLL_SECONDS = 0.25
+
+
+def queue_concurrency(cap: int) -> int:
+    """Jobs one worker runs at once: the cap plus up to PREFETCH_MAX waiting for a slot."""
+    return cap + min(cap, PREFETCH_MAX)
 
 
 class Worker:
@@ -75,10 +89,10 @@ class Worker:
                 self.services.queue.app.run_worker_async(
                     queues=[QUEUE_NAME],
                     name=self.name,
-                    concurrency=self.settings.max_concurrency,
+                    concurrency=queue_concurrency(self.settings.max_concurrency),
                     install_signal_handlers=False,
                     listen_notify=True,
-                    fetch_job_polling_interval=1.0,
+                    fetch_job_polling_interval=FETCH_POLL_SECONDS,
                     delete_jobs="successful",
                     shutdown_graceful_timeout=self.settings.deploy_timeout,
                     # Frequent heartbeats: a dead worker's jobs are recovered STALLED_AFTER

@@ -520,3 +520,49 @@ def test_state_meta() -> None:
     for bad in (b"not json", b"\xff\xfe", b"[1, 2]", b'{"serial": "x"}'):
         with pytest.raises(ValueError):
             index.state_meta(bad)
+
+
+class _FlakyReads:
+    """A stand-in S3 client whose first ``failures`` get_object calls fail with ``error``."""
+
+    def __init__(self, failures: int, error: Exception, content: bytes) -> None:
+        self.failures, self.error, self.content, self.calls = failures, error, content, 0
+
+    def get_object(self, **_: object) -> dict[str, object]:
+        import io
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return {"Body": io.BytesIO(self.content), "Metadata": {"sha256": sha(self.content)}}
+
+
+def _client_error(status: int, code: str) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError(
+        {"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "GetObject",
+    )
+
+
+async def test_s3_get_retries_transient_failures_only() -> None:
+    """The deployer reads the latest state before every attempt: a blip (5xx, slow down, a
+    dropped connection) is retried; a missing object is not."""
+    from botocore.exceptions import EndpointConnectionError
+
+    content = tfstate()
+    settings = s3_settings("http://127.0.0.1:1", bucket="b")
+    for error in (_client_error(503, "SlowDown"), _client_error(500, "InternalError"),
+                  EndpointConnectionError(endpoint_url="http://127.0.0.1:1")):
+        flaky = _FlakyReads(2, error, content)
+        assert await S3StateStore(settings, client=flaky).get("web", 1, "") == content
+        assert flaky.calls == 3
+        down = _FlakyReads(10, error, content)
+        with pytest.raises(StateStoreError):
+            await S3StateStore(settings, client=down).get("web", 1, "")
+        assert down.calls == 3
+    missing = _FlakyReads(10, _client_error(404, "NoSuchKey"), content)
+    with pytest.raises(StateStoreError, match="NoSuchKey"):
+        await S3StateStore(settings, client=missing).get("web", 1, "")
+    assert missing.calls == 1

@@ -25,6 +25,20 @@ from service.settings import Settings
 from service.statestores.base import StateStoreError, StoredState
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# A read is retried here (a put is retried by the deployer, put_with_retries): the deployer
+# reads the workspace's latest state before every attempt, and a blip must not fail it.
+GET_ATTEMPTS = 3
+GET_RETRY_DELAY = 0.2  # doubling
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError",
+                    "ServiceUnavailable", "RequestTimeTooSkewed"}
+
+
+def _transient(exc: Exception) -> bool:
+    """Worth another try: the connection failed or the server said so (5xx, slow down)."""
+    if not isinstance(exc, ClientError):
+        return True  # BotoCoreError: connection refused/reset, timeouts, a broken answer
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return status >= 500 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES
 
 
 def _short(op: str, exc: Exception) -> str:
@@ -148,8 +162,16 @@ class S3StateStore:
 
     async def get(self, workspace: str, version: int, location: str) -> bytes:
         bucket, key = self._parse(workspace, version, location)
-        content: bytes = await self._call(f"get {key}", self._get_sync, bucket, key)
-        return content
+        for i in range(GET_ATTEMPTS):
+            if i:
+                await asyncio.sleep(GET_RETRY_DELAY * 2 ** (i - 1))
+            try:
+                content: bytes = await asyncio.to_thread(self._get_sync, bucket, key)
+                return content
+            except (BotoCoreError, ClientError) as exc:
+                if i == GET_ATTEMPTS - 1 or not _transient(exc):
+                    raise StateStoreError(_short(f"get {key}", exc)) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _get_sync(self, bucket: str, key: str) -> bytes:
         resp = self.client.get_object(Bucket=bucket, Key=key)
