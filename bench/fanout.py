@@ -125,6 +125,7 @@ async def measure(server: ApiProcess, url: str, token: str, n: int, appends: int
         first: list[float] = []
         last: list[float] = []
         commits0 = await _commits(writer)
+        cpu0 = server.cpu_seconds()
         spy = None
         spy_out = str(Path(tempfile.gettempdir()) / f"fanout-spy-{server.pid}.txt")
         for i in range(appends + 2):  # two warm-up appends
@@ -137,10 +138,11 @@ async def measure(server: ApiProcess, url: str, token: str, n: int, appends: int
                 first.append(min(times) * 1000)
                 last.append(max(times) * 1000)
             await asyncio.sleep(0.3)
+        cpu_ms = (server.cpu_seconds() - cpu0) * 1000 / (appends + 2)
         per_append = (await _commits(writer) - commits0) / (appends + 2)
         pyspy_report(spy, spy_out)
         return {
-            "commits_per_append": per_append,
+            "commits_per_append": per_append, "server_cpu_ms": cpu_ms,
             "first": first, "last": last, "rss_one": rss_one, "rss_all": rss_all,
             "per_sub_kib": (rss_all - rss_one) / max(1, n - 1), "connect_s": connect_s,
         }
@@ -184,6 +186,8 @@ def main() -> int:
         prof = str(Path(data_dir) / "api.prof") if args.profile else None
         with ApiProcess(url, data_dir, profile=prof) as server:
             m = asyncio.run(measure(server, url, token, n, k, args.pyspy))
+        # Loaded here: the file goes with the temp dir.
+        stats = pstats.Stats(prof) if prof else None
     first, last = m["first"], m["last"]
     assert isinstance(first, list) and isinstance(last, list)
     table(
@@ -197,9 +201,11 @@ def main() -> int:
     print(f"connecting {n - 1} subscribers took {m['connect_s']:.1f} s")
     print(f"database transactions committed per append (pg_stat_database.xact_commit): "
           f"{m['commits_per_append']:.0f}")
-    if prof:
+    print(f"API process CPU per append (user + system, all {n} deliveries): "
+          f"{m['server_cpu_ms']:.0f} ms")
+    if stats is not None:
         print("\nAPI process, cProfile, top 30 by internal time:")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        stats.sort_stats("tottime").print_stats(30)
     return 0
 
 

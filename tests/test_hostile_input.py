@@ -936,14 +936,7 @@ async def test_another_users_token_on_every_id_taking_route_answers_as_for_an_un
     assert await counts(services) == before
 
 
-# FAILS TODAY (xfail, strict): a fix belongs in service/api/streams.py, which this change does not
-# touch (another engineer's). Its resume-id patterns use ``\d``, which in Python matches every
-# Unicode decimal digit, so "١" (ARABIC-INDIC DIGIT ONE) or "１" (FULLWIDTH DIGIT ONE) is read as
-# 1 and a stream resumes from an id it never sent. Fix: compile ``_DEPLOY_ID_RE`` and
-# ``_POSITION_RE`` with ``re.ASCII`` (or spell ``[0-9]``); then remove this marker.
-@pytest.mark.xfail(
-    strict=True, reason="streams.py: resume ids accept non-ASCII digits (needs re.ASCII)"
-)
+# Python's ``\d`` matches every Unicode decimal digit: "١" must not be read as 1.
 @pytest.mark.parametrize("value", ["\u0661", "\uff11", "1.\u0661"])
 async def test_a_last_event_id_in_non_ascii_digits_is_400(
     services: Services, tokens: dict[str, str], world: World, api: httpx.AsyncClient, value: str
