@@ -214,6 +214,7 @@ class Deployer:
         writer = LogWriter(self.pool, deploy_id, request.attempt, masker)
         cancel = asyncio.Event()
         watcher = asyncio.create_task(self._watch_cancel(deploy_id, cancel))
+        concluded = False
         try:
             try:
                 result = await self.runner.run(slot, writer.line, cancel)
@@ -222,13 +223,22 @@ class Deployer:
                 result = RunResult(exit_code=-1, state=None, error=str(exc))
                 reason = "runner_error"
             else:
-                reason = "timeout" if result.timed_out else "apply_failed"
+                reason = _failure_reason(result)
             await self.conclude(deploy_id, request, result, reason, writer)
+            concluded = True
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await writer.close()
+            # The slot (the exited container, the temp dir) holds the state terraform left: it
+            # goes only once that state is persisted and the outcome recorded. If concluding
+            # failed (PostgreSQL away past the bound, the job cancelled), it is left for
+            # recovery / an operator rather than lose the state (docs/reliability.md).
+            if concluded:
+                await slot.release()
+            else:
+                log.error("outcome of %s attempt %s not recorded; its run is kept", deploy_id, request.attempt)
 
     async def _watch_cancel(self, deploy_id: str, cancel: asyncio.Event) -> None:
         while not cancel.is_set():
@@ -369,8 +379,12 @@ class Deployer:
         destroyed, message = False, ""
         try:
             slot = await self.runner.acquire_slot(destroy)
-            await writer.line("system", "destroying what the apply created")
-            outcome = await self.runner.run(slot, writer.line, asyncio.Event())
+            try:
+                await writer.line("system", "destroying what the apply created")
+                outcome = await self.runner.run(slot, writer.line, asyncio.Event())
+            finally:
+                # Nothing to keep: the state in hand is rescued below if the destroy failed.
+                await slot.release()
             destroyed = outcome.exit_code == 0
             message = "" if destroyed else (outcome.error or f"destroy exited with {outcome.exit_code}")
         except RunnerError as exc:
@@ -396,6 +410,13 @@ class Deployer:
             await self._execute_retrying(deploy_id, command)
         except IllegalTransition:
             log.error("could not record the state failure of %s", deploy_id)
+
+
+def _failure_reason(result: RunResult) -> str:
+    """Failed.reason for a run that returned (used only if it did not succeed)."""
+    if result.runner_lost:
+        return "runner_lost"
+    return "timeout" if result.timed_out else "apply_failed"
 
 
 def _sha(content: bytes) -> str:

@@ -7,8 +7,10 @@ heartbeat is older than ``STALLED_AFTER`` (procrastinate's ``get_stalled_jobs``)
 - the deploy is still ``queued`` for that attempt (the worker died before ``Started``): any
   container it had created is removed and the job goes back to ``todo`` (``retry_job``);
 - the deploy is ``running`` that attempt: the attempt's orphaned container (found by its labels)
-  is taken over — collected if it had exited, otherwise interrupted (SIGINT, grace, SIGKILL) —
-  and concluded exactly like a normal outcome (``Deployer.conclude``: state persisted first,
+  is taken over — collected if it had exited (also when the dead worker's terraform had ended but
+  its state was not yet persisted: runners keep the container / temp dir until the outcome is
+  recorded), otherwise interrupted (SIGINT, grace, SIGKILL) — and concluded exactly like a
+  normal outcome (``Deployer.conclude``: state persisted first,
   then ``AttemptSucceeded`` or ``AttemptFailed(reason="worker_lost")``, whose ``Retried`` queues
   the next attempt at once); then the job is finished (``failed``) so the workspace lock frees;
 - anything else (the outcome was recorded but the job not closed): the job is finished.
@@ -191,9 +193,9 @@ class Recovery:
         if result is None:
             result = RunResult(exit_code=-1, state=None, error=note)
         await self.deployer.conclude_recovered(deploy_id, request, result, note)
-        if isinstance(self.runner, DockerRunner):
-            for c in containers:
-                await self.runner.remove_container(c["id"])
+        # Only now, with the state persisted and the outcome recorded, does what held the state
+        # go: a recoverer that dies before this leaves it to the next one.
+        await self._remove_containers(deploy_id, attempt)
 
     async def _containers(self, deploy_id: str, attempt: int) -> list[dict[str, Any]]:
         assert isinstance(self.runner, DockerRunner)

@@ -70,7 +70,15 @@ class Env:
         self.client: httpx.AsyncClient
         self.services = None
 
-    def spawn_worker(self, name: str) -> subprocess.Popen[bytes]:
+    def spawn_worker(
+        self,
+        name: str,
+        *,
+        argv: list[str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """``python -m service.cli worker`` (or ``argv``) on this test's database and data dir,
+        its output in ``<tmp>/<name>.log``."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("TFDEPLOY_")}
         env.update(
             TFDEPLOY_DATABASE_URL=self.database_url,
@@ -82,9 +90,10 @@ class Env:
             TFDEPLOY_MAX_CONCURRENCY="4",
             PYTHONUNBUFFERED="1",
         )
+        env.update(extra_env or {})
         out = open(self.tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"],
+            argv or [sys.executable, "-m", "service.cli", "worker"],
             cwd=ROOT,
             env=env,
             stdout=out,

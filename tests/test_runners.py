@@ -199,7 +199,10 @@ async def run_tf(
             await on_line(stream, line)
 
     slot = await runner.acquire_slot(request)
-    result = await runner.run(slot, sink, cancel or asyncio.Event())
+    try:
+        result = await runner.run(slot, sink, cancel or asyncio.Event())
+    finally:
+        await slot.release()  # run() keeps the container / temp dir until the caller is done
     return Run(result, lines)
 
 
@@ -541,6 +544,11 @@ resource "terraform_data" "t" {{
     assert "secrets-file-gone" in text
     assert f"token-length={len(secret)}" in text
     assert secret not in text
+    # Kept, exited, until the caller has persisted the state: no longer counted toward the cap.
+    assert docker_client.api.inspect_container(slot.container_id)["State"]["Status"] == "exited"
+    assert await runner.running() == 0
+    assert await runner.find_orphans() == []  # still this runner's: not an orphan
+    await slot.release()
     with pytest.raises(docker.errors.NotFound):
         docker_client.api.inspect_container(slot.container_id)
     with pytest.raises(docker.errors.NotFound):
@@ -589,6 +597,7 @@ async def test_leftover_container_counts_against_cap(docker_client, tmp_path):
         waited = time.monotonic() - removed_at
         assert waited < 2.5, f"woken by the Docker event, not by polling ({waited:.2f}s)"
         result = await runner.run(slot, _ignore, asyncio.Event())
+        await slot.release()
         assert result.exit_code == 0
     finally:
         for c in (leftover, exited):
@@ -681,7 +690,9 @@ async def test_local_slot_held_by_another_process(tmp_path):
         slot = await asyncio.wait_for(acquiring, 5)
         result = await runner.run(slot, _ignore, asyncio.Event())
         assert result.exit_code == 0
-        assert await runner.running() == 0
+        assert await runner.running() == 0  # terraform ended: the place is free ...
+        assert (slot.root / "config" / "terraform.tfstate").exists()  # ... the state kept
+        await slot.release()
         assert not slot.root.exists()  # the private temp dir is gone
     finally:
         holder.kill()
@@ -715,3 +726,41 @@ def test_line_splitter():
 
 async def _ignore(stream: str, line: str) -> None:
     return None
+
+
+@pytest.mark.docker
+async def test_docker_container_stopped_from_outside_is_runner_lost(docker_client, tmp_path):
+    """``docker stop`` (what an engine shutdown does to its containers): SIGTERM from outside.
+    Terraform is interrupted gracefully, writes its state, and the run reports runner_lost
+    with that state — not as terraform's own failure."""
+    runner = DockerRunner(make_settings(tmp_path), service_name=unique_service())
+    request = RunRequest(
+        deploy_id=f"d-{secrets_token()}",
+        attempt=1,
+        workspace="w",
+        action="apply",
+        files={"main.tf": A_THEN_B.replace("echo b fails; exit 3", "echo b-slow; sleep 60")},
+    )
+    slot = await runner.acquire_slot(request)
+    stopper: list[asyncio.Task] = []
+
+    async def on_line(stream: str, line: str) -> None:
+        if line.endswith("b-slow") and not stopper:
+            stopper.append(
+                asyncio.create_task(asyncio.to_thread(docker_client.api.stop, slot.container_id, 30))
+            )
+
+    try:
+        result = await runner.run(slot, on_line, asyncio.Event())
+        await asyncio.gather(*stopper)
+        assert stopper, "b never started"
+        assert result.runner_lost, result
+        assert not result.interrupted and not result.timed_out
+        assert result.exit_code != 0
+        assert "stopped from outside" in result.error
+        assert result.state is not None
+        names = {r["name"] for r in json.loads(result.state)["resources"]}
+        assert "a" in names  # the state terraform wrote on the way out was collected
+    finally:
+        await slot.release()
+        await runner.close()

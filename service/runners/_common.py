@@ -7,12 +7,13 @@ import codecs
 import logging
 import re
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from service.runners.base import LineSink, RunnerError, RunRequest
+from service.runners.base import LineSink, RunnerError, RunRequest, RunResult
 
 log = logging.getLogger("tfdeploy.runner")
 
@@ -108,6 +109,40 @@ async def emit(on_line: LineSink, stream: str, line: str) -> None:
         log.exception("line sink failed")
 
 
+class StopFlags(Protocol):
+    """Why a run was stopped, as the watchdog found it."""
+
+    timed_out: bool
+    interrupted: bool
+
+
+async def stop_on_cancel_or_timeout(
+    limit: float,
+    cancel: asyncio.Event,
+    flags: StopFlags,
+    say: Callable[[str, str], Awaitable[None]],
+    interrupt: Callable[[], Awaitable[None]],
+    kill: Callable[[], Awaitable[None]],
+    grace: float = DEFAULT_GRACE,
+) -> None:
+    """The runners' watchdog: when ``cancel`` is set or ``limit`` seconds passed, note why,
+    ``interrupt()`` (SIGINT: terraform stops gracefully and writes its state), and if the run
+    is still going ``grace`` seconds later (the caller cancels this task when it ends),
+    ``kill()``. Run it as a task; it returns after the kill."""
+    try:
+        await asyncio.wait_for(cancel.wait(), limit)
+        flags.interrupted = True
+        why = "cancel requested"
+    except TimeoutError:
+        flags.timed_out = True
+        why = f"timed out after {limit:g}s"
+    await say("system", f"{why}: interrupting terraform (SIGINT)")
+    await interrupt()
+    await asyncio.sleep(grace)
+    await say("system", f"terraform still running {grace:g}s after SIGINT: killing it")
+    await kill()
+
+
 def in_thread(
     fn: Callable[..., T], *args: Any, orphan: Callable[[T], None] | None = None
 ) -> asyncio.Future[T]:
@@ -145,6 +180,18 @@ def in_thread(
         target=target, name=f"tfdeploy-{getattr(fn, '__name__', 'call')}", daemon=True
     ).start()
     return fut
+
+
+def cancelled_before_start(request: RunRequest, started: float) -> RunResult:
+    """The result of a run cancelled before terraform started: nothing ran, the state given
+    is the state left."""
+    return RunResult(
+        exit_code=130,
+        state=request.state,
+        interrupted=True,
+        error="cancelled before start",
+        duration=time.monotonic() - started,
+    )
 
 
 def exit_code_of(returncode: int) -> int:

@@ -37,12 +37,20 @@ class RunResult(msgspec.Struct, frozen=True, kw_only=True):
     interrupted: bool = False  # stopped because ``cancel`` was set
     error: str = ""  # the last error lines, for Failed.message
     duration: float = 0.0
+    # Where terraform ran was lost under it (the Docker engine went away, the container
+    # vanished): the attempt failed for the runner's sake, not terraform's.
+    runner_lost: bool = False
 
 
 class Slot(Protocol):
     """A held place under the concurrency cap, prepared for one request (for Docker: the
-    created, labelled, not yet started container with the files in it). ``release()`` gives the
-    place back and removes what was prepared; it is idempotent."""
+    created, labelled, not yet started container with the files in it).
+
+    ``run()`` gives the place under the cap back when terraform has ended, but keeps what it
+    ran in (Docker: the exited container; local: the temp dir and its run record) so that the
+    state terraform left can still be collected if this worker dies before it is persisted.
+    ``release()`` removes it; the caller calls it once the outcome is recorded (or when the
+    slot is abandoned before running). It is idempotent."""
 
     request: RunRequest
 
@@ -59,14 +67,16 @@ class Runner(Protocol):
 
     async def run(self, slot: Slot, on_line: LineSink, cancel: asyncio.Event) -> RunResult:
         """Run ``terraform init`` then apply/destroy in the slot, to the end, streaming output
-        to ``on_line``; then release the slot. Terraform's own failure is a non-zero exit code,
-        not an exception. Setting ``cancel`` interrupts terraform (SIGINT, then SIGKILL after a
+        to ``on_line``. It does NOT release the slot: the caller releases it after the state
+        is persisted and the outcome recorded (the crash window, docs/reliability.md). Terraform's
+        own failure is a non-zero exit code, not an exception. Setting ``cancel`` interrupts terraform (SIGINT, then SIGKILL after a
         grace period) and the result has ``interrupted=True`` and whatever state was written."""
         ...
 
     async def running(self) -> int:
         """How many runs hold slots now. Docker: labelled containers counted through the Docker
-        API (any state but exited/dead), leftovers of a crashed worker included."""
+        API (any state but exited/dead), leftovers of a crashed worker included; an exited
+        container kept until its outcome is recorded does not count (terraform is done)."""
         ...
 
     async def close(self) -> None: ...

@@ -6,8 +6,16 @@ a file that it deletes at once, then runs ``terraform init`` and ``terraform app
 SIGINT/SIGTERM sent to the container are passed on as one SIGINT to every process in it (as a
 terminal's Ctrl-C would), so terraform stops gracefully and writes its state.
 
+A run outlives its engine going away: the runner waits for the engine (``engine_wait``), then
+decides by the container's fate (reattached if it still runs, its exit code and state if it
+ended, ``runner_lost`` if it vanished). A container stopped from outside (the engine's own
+shutdown sends SIGTERM, then SIGKILL) is ``runner_lost`` too: the state it wrote is collected and
+the attempt retried from it.
+
 The concurrency cap is counted from the Docker API: labelled containers in any state but
-exited/dead, leftovers of a crashed worker included. Counting and creating happen under a
+exited/dead, leftovers of a crashed worker included. ``run()`` keeps the exited container until
+the deployer has persisted its state and recorded the outcome (``slot.release()``); being
+exited, it no longer counts toward the cap meanwhile. Counting and creating happen under a
 lock shared by every runner on the host (an fcntl lock file by default).
 """
 
@@ -41,9 +49,11 @@ from service.runners._common import (
     SHELL_NAME,
     LineSplitter,
     OutputTail,
+    cancelled_before_start,
     emit,
     in_thread,
     safe_relative_path,
+    stop_on_cancel_or_timeout,
     tf_var_env,
     validate_request,
 )
@@ -67,14 +77,21 @@ STATE_PATH = f"{TF_DIR}/terraform.tfstate"
 RUN_AS_UID = 65534  # nobody
 RUN_AS = f"{RUN_AS_UID}:{RUN_AS_UID}"
 
-# $1 = apply | destroy. Exit code = terraform's (init's if init fails).
+# The runner itself only ever sends SIGINT (cancel, timeout) and SIGKILL after the grace; SIGTERM
+# comes from outside (the engine shutting down, ``docker stop``). A run that failed after one
+# exits with this code, so the attempt is recorded ``runner_lost``, not as terraform's failure.
+EXIT_STOPPED_OUTSIDE = 143
+
+# $1 = apply | destroy. Exit code = terraform's (init's if init fails), or EXIT_STOPPED_OUTSIDE.
 ENTRYPOINT_SCRIPT = f"""\
 cd {TF_DIR} || exit 70
 if [ -f {SECRETS_FILE} ]; then . {SECRETS_FILE}; fi
 rm -f {SECRETS_FILE}
 stopping=0
+terminated=0
 child=0
-trap 'stopping=1; kill -s INT -1 2>/dev/null' INT TERM
+trap 'stopping=1; kill -s INT -1 2>/dev/null' INT
+trap 'stopping=1; terminated=1; kill -s INT -1 2>/dev/null' TERM
 run() {{
   "$@" &
   child=$!
@@ -85,11 +102,19 @@ run() {{
   child=0
   return "$rc"
 }}
-run terraform init -input=false -no-color || exit $?
-[ "$stopping" = 0 ] || exit 130
+finish() {{
+  [ "$terminated" = 0 ] || [ "$1" = 0 ] || exit {EXIT_STOPPED_OUTSIDE}
+  exit "$1"
+}}
+run terraform init -input=false -no-color || finish $?
+[ "$stopping" = 0 ] || finish 130
 run terraform "$1" -auto-approve -input=false -no-color
-exit $?
+finish $?
 """
+
+ENGINE_POLL_MAX = 2.0  # the longest pause between checks for an engine that went away
+REMOVE_WAIT = 30.0  # the longest a slot's release waits for the engine to remove its container
+EXIT_KILLED = -137  # internal: SIGKILLed, not by the OOM killer (see _settle_sync)
 
 ENGINE_ERRORS: tuple[type[BaseException], ...] = (
     docker.errors.DockerException,
@@ -160,6 +185,10 @@ class DockerRunner:
     #: again (the fallback if an event is missed).
     wait_timeout = 5.0
 
+    #: How long a run waits for an engine that went away before it gives the attempt up as
+    #: ``runner_lost`` (the deploy is then retried or failed, never left ``deploying``).
+    engine_wait = 120.0
+
     def __init__(
         self,
         settings: Settings,
@@ -227,21 +256,39 @@ class DockerRunner:
             raise RunnerError(
                 f"secret names must be shell identifiers for the docker runner: {bad}"
             )
-        await self._ensure_image()
         cap = self.settings.max_concurrency
+        down_since: float | None = None
+        pause = 0.5
         while True:
             # Subscribe to events BEFORE counting, so nothing that frees a place between the
             # count and the wait is missed.
-            events = await self._call(
-                lambda: self._api.events(
-                    decode=True,
-                    filters={
-                        "type": "container",
-                        "label": self.label_filter,
-                        "event": ["die", "destroy", "stop"],
-                    },
+            try:
+                await self._ensure_image()
+                events = await self._call(
+                    lambda: self._api.events(
+                        decode=True,
+                        filters={
+                            "type": "container",
+                            "label": self.label_filter,
+                            "event": ["die", "destroy", "stop"],
+                        },
+                    )
                 )
-            )
+            except RunnerError as exc:
+                # An engine restarting is waited for (the deploy stays queued); one that stays
+                # away past engine_wait fails the attempt (runner_error).
+                if not engine_unreachable(exc):
+                    raise
+                now = time.monotonic()
+                down_since = now if down_since is None else down_since
+                if now - down_since >= self.engine_wait:
+                    raise RunnerError(
+                        f"Docker engine unreachable for {self.engine_wait:g}s: {exc}"
+                    ) from exc
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, ENGINE_POLL_MAX)
+                continue
+            down_since, pause = None, 0.5
             try:
                 async with self._cap_lock():
                     if await self.running() < cap:
@@ -362,7 +409,14 @@ class DockerRunner:
         self._held.discard(container_id)
 
     async def _remove(self, container_id: str) -> None:
-        await asyncio.shield(asyncio.to_thread(self._remove_sync, container_id))
+        # An engine in the middle of shutting down may hold the request: the deploy's job must
+        # not wait on it (the outcome is recorded; an exited leftover holds no place).
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(in_thread(self._remove_sync, container_id)), REMOVE_WAIT
+            )
+        except TimeoutError:
+            log.warning("removing container %s is taking long; leaving it", container_id)
 
     async def _signal(self, container_id: str, signal: str) -> None:
         try:
@@ -386,6 +440,11 @@ class DockerRunner:
     # -- the run ------------------------------------------------------------------------
 
     async def run(self, slot: Any, on_line: LineSink, cancel: asyncio.Event) -> RunResult:
+        """Run the slot's container to its end. The container is kept (exited: it no longer
+        counts toward the cap) until ``slot.release()``, so a dead worker's recovery can still
+        read its state. An engine that goes away mid-run is waited for (``engine_wait``); then
+        the container's fate decides: still running -> reattached; ended -> its exit code and
+        state; vanished, or the engine never came back -> ``runner_lost``."""
         if not isinstance(slot, DockerSlot):
             raise TypeError("DockerRunner.run needs a DockerSlot from its acquire_slot")
         request = slot.request
@@ -396,16 +455,19 @@ class DockerRunner:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
         watchdog: asyncio.Task[None] | None = None
+
+        async def say(stream: str, line: str) -> None:
+            tail.add(stream, line)
+            await emit(on_line, stream, line)
+
+        def post(item: tuple[str, str] | None) -> None:
+            with contextlib.suppress(RuntimeError):  # loop closed
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
         try:
             if cancel.is_set():
                 await emit(on_line, "system", "cancelled before terraform started")
-                return RunResult(
-                    exit_code=130,
-                    state=request.state,
-                    interrupted=True,
-                    error="cancelled before start",
-                    duration=time.monotonic() - started,
-                )
+                return cancelled_before_start(request, started)
             # Attach before starting, so not a byte of output is missed; demux keeps
             # stdout and stderr apart.
             stream = await self._call(
@@ -414,29 +476,62 @@ class DockerRunner:
                 )
             )
             await self._call(lambda: self._api.start(cid))
-
-            def post(item: tuple[str, str] | None) -> None:
-                with contextlib.suppress(RuntimeError):  # loop closed
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-
-            in_thread(_pump, stream, post)
             watchdog = asyncio.create_task(
                 self._watchdog(cid, request.timeout, cancel, stop, queue)
             )
-            while (item := await queue.get()) is not None:
-                tail.add(*item)
-                await emit(on_line, *item)
+            engine_lost = False
+            while True:
+                in_thread(_pump, stream, post)
+                while (item := await queue.get()) is not None:
+                    await say(*item)
+                fate, exit_code, lost = await self._settle(cid, say)
+                engine_lost = engine_lost or lost
+                if fate != "running":
+                    break
+                # The engine came back with the container still running (live-restore), or
+                # the stream broke alone: follow it again (output of the gap is not replayed).
+                await say("system", "output stream lost; reattaching to the running container")
+                try:
+                    stream = await self._call(
+                        lambda: self._api.attach(
+                            cid, stdout=True, stderr=True, stream=True, logs=False, demux=True
+                        )
+                    )
+                except RunnerError as exc:
+                    log.debug("reattach to %s failed: %s", cid, exc)
+                    stream = iter(())
+                    await asyncio.sleep(1)  # then settle again: no tight loop
             watchdog.cancel()
-            status = await self._call(lambda: self._api.wait(cid, timeout=60))
-            exit_code = int(status.get("StatusCode", -1))
-            state = await self._call(self._read_state_sync, cid)
+            state = None
+            if fate == "ended":
+                # The volume outlives an engine restart: ride out one that is going away now.
+                state = await self._riding_out(say, self._read_state_sync, cid)
+            ours = stop.interrupted or stop.timed_out  # we sent SIGINT / SIGKILL ourselves
+            outside = exit_code in (EXIT_STOPPED_OUTSIDE, EXIT_KILLED) and not ours
+            if exit_code == EXIT_KILLED:
+                exit_code = 137
+            runner_lost = fate != "ended" or (exit_code != 0 and (engine_lost or outside))
+            error = tail.error() if exit_code != 0 else ""
+            if runner_lost:
+                why = {
+                    "gone": "the container vanished (Docker engine restarted?)",
+                    "down": f"the Docker engine did not answer for {self.engine_wait:g}s",
+                }.get(
+                    fate,
+                    f"the container was stopped from outside (engine restart, docker stop); "
+                    f"exit {exit_code}",
+                )
+                state_note = "its state was collected" if state is not None else "no state left"
+                await say("system", f"runner lost: {why}; {state_note}")
+                error = f"runner lost: {why}\n{error}".strip()
             return RunResult(
-                exit_code=exit_code,
+                exit_code=exit_code if fate == "ended" else -1,
                 state=state,
                 timed_out=stop.timed_out,
                 interrupted=stop.interrupted,
-                error=tail.error() if exit_code != 0 else "",
+                error=error,
                 duration=time.monotonic() - started,
+                runner_lost=runner_lost,
             )
         except RunnerError:
             raise
@@ -445,7 +540,79 @@ class DockerRunner:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            await slot.release()
+            # The place under the cap is free once the container stopped; the container itself
+            # stays until the caller's release() (after the outcome is recorded).
+
+    def _settle_sync(self, cid: str) -> tuple[str, int]:
+        """The container's fate now: ("ended", exit code) | ("running", -1) | ("gone", -1) |
+        ("down", -1) when the engine does not answer. Killed without our asking (not by the
+        OOM killer: that is the run's own failure) counts as stopped from outside."""
+        try:
+            st = self._api.inspect_container(cid)["State"]
+        except docker.errors.NotFound:
+            return "gone", -1
+        except RunnerError:
+            return "down", -1
+        except ENGINE_ERRORS:
+            return "down", -1
+        if st.get("Running") or st.get("Restarting"):
+            return "running", -1
+        code = int(st.get("ExitCode", -1))
+        if code == 137 and not st.get("OOMKilled"):
+            code = EXIT_KILLED
+        return "ended", code
+
+    async def _riding_out(self, say: LineSink, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a thread, tried again while the engine does not answer, for at
+        most ``engine_wait`` seconds (noted in the run's output)."""
+        down_since: float | None = None
+        pause = 0.5
+        while True:
+            try:
+                return await self._call(fn, *args)
+            except RunnerError as exc:
+                if not engine_unreachable(exc):
+                    raise
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    await say("system", "Docker engine unreachable; waiting for it to come back")
+                if now - down_since >= self.engine_wait:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, ENGINE_POLL_MAX)
+
+    def _wait_briefly_sync(self, cid: str, limit: float) -> None:
+        with contextlib.suppress(*ENGINE_ERRORS):
+            self._api.wait(cid, timeout=limit)
+
+    async def _settle(self, cid: str, say: LineSink) -> tuple[str, int, bool]:
+        """After the output stream ended: wait until the container's fate is known, riding out
+        an engine outage for at most ``engine_wait`` seconds. Returns (fate, exit code, whether
+        the engine was seen down)."""
+        lost_since: float | None = None
+        pause = 0.5
+        while True:
+            fate, code = await asyncio.to_thread(self._settle_sync, cid)
+            if fate == "down":
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    await say("system", "Docker engine unreachable; waiting for it to come back")
+                if now - lost_since >= self.engine_wait:
+                    return "down", -1, True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, ENGINE_POLL_MAX)
+                continue
+            if lost_since is not None:
+                await say("system", f"Docker engine back after {time.monotonic() - lost_since:.1f}s")
+            if fate == "running" and lost_since is None:
+                # The stream ends just before the container is seen exited: give it a moment.
+                await asyncio.to_thread(self._wait_briefly_sync, cid, 5.0)
+                fate, code = await asyncio.to_thread(self._settle_sync, cid)
+                if fate == "down":
+                    continue
+            return fate, code, lost_since is not None
 
     async def _watchdog(
         self,
@@ -455,20 +622,18 @@ class DockerRunner:
         stop: _Stop,
         queue: asyncio.Queue[tuple[str, str] | None],
     ) -> None:
-        try:
-            await asyncio.wait_for(cancel.wait(), limit)
-            stop.interrupted = True
-            why = "cancel requested"
-        except TimeoutError:
-            stop.timed_out = True
-            why = f"timed out after {limit:g}s"
-        queue.put_nowait(("system", f"{why}: interrupting terraform (SIGINT)"))
-        await self._signal(cid, "SIGINT")
-        await asyncio.sleep(self.grace)
-        queue.put_nowait(
-            ("system", f"terraform still running {self.grace:g}s after SIGINT: killing it")
+        async def note(stream: str, line: str) -> None:
+            queue.put_nowait((stream, line))  # in order with the output being pumped
+
+        await stop_on_cancel_or_timeout(
+            limit,
+            cancel,
+            stop,
+            note,
+            interrupt=lambda: self._signal(cid, "SIGINT"),
+            kill=lambda: self._signal(cid, "SIGKILL"),
+            grace=self.grace,
         )
-        await self._signal(cid, "SIGKILL")
         await asyncio.sleep(30)
         queue.put_nowait(None)  # the output stream never ended: stop waiting for it
 
@@ -550,6 +715,17 @@ class DockerRunner:
             client, self._client = self._client, None
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(client.close)
+
+
+def engine_unreachable(exc: BaseException) -> bool:
+    """Whether a RunnerError means the engine is away (connection refused, socket gone, the
+    engine failing while it shuts down) rather than refusing the request itself."""
+    cause = exc.__cause__
+    if cause is None:
+        return False
+    if isinstance(cause, docker.errors.APIError):
+        return bool(cause.is_server_error()) and not isinstance(cause, docker.errors.NotFound)
+    return isinstance(cause, ENGINE_ERRORS)
 
 
 def count_active(api: docker.APIClient, label_filter: str = SERVICE_FILTER) -> int:

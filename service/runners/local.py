@@ -7,10 +7,12 @@ that dies, so a crash leaks nothing, and every runner on the host (any process) 
 Orphans: terraform runs in its own process group and writes its output to files in the run's
 temp dir (tailed into the log), not to pipes, so it survives the death of the worker that
 started it (a pipe would kill it with SIGPIPE at its next line). Before it starts, a record
-``<data dir>/local-runs/<deploy>-a<attempt>.json`` names the process group and the temp dir;
-it is removed with the temp dir. After a crash, ``collect_orphan`` (called by the recovery of
-another worker on the same host, ``service/recovery.py``) interrupts the group (SIGINT, grace,
-SIGKILL) and reads the state terraform left.
+``<data dir>/local-runs/<deploy>-a<attempt>.json`` names the process group and the temp dir
+(and, once terraform ended, its exit code). ``run()`` gives the place under the cap back when
+terraform ends; the temp dir and the record stay until ``release()``, which the deployer calls
+once the state is persisted and the outcome recorded. After a crash, ``collect_orphan`` (called
+by the recovery of another worker on the same host, ``service/recovery.py``) interrupts the
+group if it still runs (SIGINT, grace, SIGKILL) and reads the state terraform left.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from service.runners._common import (
     DEFAULT_GRACE,
     LineSplitter,
     OutputTail,
+    cancelled_before_start,
     emit,
     exit_code_of,
     safe_relative_path,
+    stop_on_cancel_or_timeout,
     tf_var_env,
     validate_request,
 )
@@ -82,6 +86,7 @@ class LocalSlot:
     lock_fd: int
     root: Path  # private temp dir (mode 700): config/ (terraform's cwd) and home/
     _released: bool = field(default=False, repr=False)
+    _place_freed: bool = field(default=False, repr=False)
 
     @property
     def config_dir(self) -> Path:
@@ -90,6 +95,15 @@ class LocalSlot:
     @property
     def home_dir(self) -> Path:
         return self.root / "home"
+
+    def free_place(self) -> None:
+        """Give the place under the cap back (terraform has ended); the temp dir and the run
+        record stay until ``release()``, so the state can be collected after a crash."""
+        if self._place_freed:
+            return
+        self._place_freed = True
+        os.close(self.lock_fd)
+        _notify(self.runner.slots_dir_key)
 
     async def release(self) -> None:
         if self._released:
@@ -100,8 +114,7 @@ class LocalSlot:
             with contextlib.suppress(OSError):
                 self.runner.run_record(self.request.deploy_id, self.request.attempt).unlink()
         finally:
-            os.close(self.lock_fd)  # gives the slot back
-            _notify(self.runner.slots_dir_key)
+            self.free_place()
 
 
 @dataclass
@@ -139,23 +152,27 @@ class LocalRunner:
         safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", deploy_id)[:80]
         return self.runs_dir / f"{safe}-a{attempt}.json"
 
-    def _write_record(self, slot: LocalSlot, pgid: int) -> None:
+    def _write_record(self, slot: LocalSlot, pgid: int, exit_code: int | None = None) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.run_record(slot.request.deploy_id, slot.request.attempt)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
+        record: dict[str, Any] = {
             "deploy_id": slot.request.deploy_id,
             "attempt": slot.request.attempt,
             "pgid": pgid,
             "root": str(slot.root),
             "worker_pid": os.getpid(),
-        }))
+        }
+        if exit_code is not None:  # terraform ended: a recoverer reports its real outcome
+            record["exit_code"] = exit_code
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, path)
 
     async def collect_orphan(self, deploy_id: str, attempt: int) -> RunResult | None:
         """Take over the terraform run a dead worker left on this host: interrupt its process
         group if it still runs (SIGINT, grace, SIGKILL) and read the state it left. None when
-        there is no record (another host, or it never started). The exit code of a process
+        there is no record (another host, or it never started). The temp dir is kept: call
+        ``discard_orphan`` once the outcome is recorded. The exit code of a process
         that is not our child is unknown: reported as 130 (a failed attempt; the next one
         starts from the state read here)."""
         path = self.run_record(deploy_id, attempt)
@@ -164,7 +181,9 @@ class LocalRunner:
         except (OSError, ValueError):
             return None
         pgid, root = int(record["pgid"]), Path(record["root"])
-        was_running = _group_alive(pgid)
+        recorded = record.get("exit_code")
+        # Ended on record: its group id may belong to someone else by now, never signal it.
+        was_running = not isinstance(recorded, int) and _group_alive(pgid)
         if was_running:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGINT)
@@ -179,7 +198,16 @@ class LocalRunner:
                     await asyncio.sleep(0.2)
         state = await asyncio.to_thread(_read_or_none, root / "config" / "terraform.tfstate")
         tail = await asyncio.to_thread(_tail_text, root)
-        await self.discard_orphan(deploy_id, attempt)
+        if isinstance(recorded, int):
+            # Terraform had ended and its exit code was recorded: the dead worker only missed
+            # persisting the state and recording the outcome.
+            return RunResult(
+                exit_code=recorded,
+                state=state,
+                error="" if recorded == 0 else f"worker lost after terraform ended\n{tail}".strip(),
+            )
+        # The temp dir stays until the caller (recovery) recorded the outcome and calls
+        # discard_orphan: a recoverer that dies here leaves it for the next one.
         what = "interrupted" if was_running else "it had ended"
         return RunResult(
             exit_code=130,
@@ -312,13 +340,7 @@ class LocalRunner:
         try:
             if cancel.is_set():
                 await say("system", "cancelled before terraform started")
-                return RunResult(
-                    exit_code=130,
-                    state=request.state,
-                    interrupted=True,
-                    error="cancelled before start",
-                    duration=time.monotonic() - started,
-                )
+                return cancelled_before_start(request, started)
             env = self._env(slot)
             watchdog = asyncio.create_task(self._watchdog(current, request.timeout, cancel, say))
             exit_code = 0
@@ -335,6 +357,11 @@ class LocalRunner:
             watchdog.cancel()
             state_path = slot.config_dir / "terraform.tfstate"
             state = await asyncio.to_thread(_read_or_none, state_path)
+            if current.proc is not None:
+                try:
+                    await asyncio.to_thread(self._write_record, slot, current.proc.pid, exit_code)
+                except OSError as exc:
+                    log.warning("could not record the end of %s: %s", request.deploy_id, exc)
             return RunResult(
                 exit_code=exit_code,
                 state=state,
@@ -350,7 +377,9 @@ class LocalRunner:
                 watchdog.cancel()
             if current.proc is not None and current.proc.returncode is None:
                 current.signal(signal.SIGKILL)  # cancelled from outside: leave nothing behind
-            await slot.release()
+            # Terraform is done: its place under the cap is free. The temp dir (the state) and
+            # the run record stay until the caller's release(), after the outcome is recorded.
+            slot.free_place()
 
     async def _run_one(
         self, args: list[str], slot: LocalSlot, env: dict[str, str], say: Any, current: _Current
@@ -400,19 +429,16 @@ class LocalRunner:
     async def _watchdog(
         self, current: _Current, limit: float, cancel: asyncio.Event, say: Any
     ) -> None:
-        try:
-            await asyncio.wait_for(cancel.wait(), limit)
-            current.interrupted = True
-            why = "cancel requested"
-        except TimeoutError:
-            current.timed_out = True
-            why = f"timed out after {limit:g}s"
-        current.stopping = True
-        await say("system", f"{why}: interrupting terraform (SIGINT)")
-        current.signal(signal.SIGINT)
-        await asyncio.sleep(self.grace)
-        await say("system", f"terraform still running {self.grace:g}s after SIGINT: killing it")
-        current.signal(signal.SIGKILL)
+        async def interrupt() -> None:
+            current.stopping = True  # no next command (apply after init) starts
+            current.signal(signal.SIGINT)
+
+        async def kill() -> None:
+            current.signal(signal.SIGKILL)
+
+        await stop_on_cancel_or_timeout(
+            limit, cancel, current, say, interrupt=interrupt, kill=kill, grace=self.grace
+        )
 
     async def close(self) -> None:
         return None
