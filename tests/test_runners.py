@@ -690,9 +690,11 @@ async def test_local_slot_held_by_another_process(tmp_path):
         slot = await asyncio.wait_for(acquiring, 5)
         result = await runner.run(slot, _ignore, asyncio.Event())
         assert result.exit_code == 0
-        assert await runner.running() == 0  # terraform ended: the place is free ...
-        assert (slot.root / "config" / "terraform.tfstate").exists()  # ... the state kept
+        # Terraform ended, but the attempt is not concluded: place and state are both kept ...
+        assert await runner.running() == 1
+        assert (slot.root / "config" / "terraform.tfstate").exists()
         await slot.release()
+        assert await runner.running() == 0  # ... until release
         assert not slot.root.exists()  # the private temp dir is gone
     finally:
         holder.kill()

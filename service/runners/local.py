@@ -97,8 +97,7 @@ class LocalSlot:
         return self.root / "home"
 
     def free_place(self) -> None:
-        """Give the place under the cap back (terraform has ended); the temp dir and the run
-        record stay until ``release()``, so the state can be collected after a crash."""
+        """Give the place under the cap back (at ``release()``, once the outcome is recorded)."""
         if self._place_freed:
             return
         self._place_freed = True
@@ -377,9 +376,9 @@ class LocalRunner:
                 watchdog.cancel()
             if current.proc is not None and current.proc.returncode is None:
                 current.signal(signal.SIGKILL)  # cancelled from outside: leave nothing behind
-            # Terraform is done: its place under the cap is free. The temp dir (the state) and
-            # the run record stay until the caller's release(), after the outcome is recorded.
-            slot.free_place()
+            # The place under the cap, the temp dir (the state) and the run record are all kept
+            # until the caller's release(), after the outcome is recorded: a slot spans the whole
+            # attempt, so the cap can be checked exactly from the events (Started .. outcome).
 
     async def _run_one(
         self, args: list[str], slot: LocalSlot, env: dict[str, str], say: Any, current: _Current
