@@ -34,6 +34,7 @@ from service.lifecycle import (
 )
 from service.logs import append_lines
 from service.queries import q
+from service.queue import WorkerStopping
 from service.runners.base import Runner, RunnerError, RunRequest, RunResult
 from service.secrets import Masker, SecretBox
 from service.settings import Settings
@@ -136,6 +137,9 @@ class Deployer:
         #: deploys whose attempt runs in this process now: recovery leaves them alone, and the
         #: worker keeps their jobs' heartbeats fresh (service/recovery.py)
         self.active: set[str] = set()
+        #: set when the worker is told to stop: a job that gets its slot after that gives the
+        #: job back instead of starting terraform (prefetched jobs wait for slots; see worker.py)
+        self.stopping = asyncio.Event()
 
     # ------------------------------------------------------------ entry point
 
@@ -161,6 +165,11 @@ class Deployer:
             # Without a runner there is no attempt; count it as one so the budget bounds it.
             await self._start_and_fail(deploy_id, "runner_error", str(exc))
             return
+        if self.stopping.is_set():
+            # Not started: nothing to keep. The job goes back to the queue for another worker
+            # (queue.py retries WorkerStopping at once) rather than run past a shutdown.
+            await slot.release()
+            raise WorkerStopping(f"worker {self.worker} is stopping; attempt {attempt} not started")
         try:
             await self.deploys.execute(
                 deploy_id, StartAttempt(runner=self.runner.name, worker=self.worker), self.actor

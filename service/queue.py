@@ -30,6 +30,11 @@ def workspace_lock(workspace: str) -> str:
 STORE_RETRY_MAX_WAIT = 60
 
 
+class WorkerStopping(Exception):
+    """Raised by a job that got its slot after its worker was told to stop: the attempt was
+    not started, so the job goes straight back to the queue for another worker."""
+
+
 class StoreUnavailableRetry(BaseRetryStrategy):
     """Run the job again later when the state store could not be read before the attempt began.
 
@@ -38,9 +43,12 @@ class StoreUnavailableRetry(BaseRetryStrategy):
     ``Failed(state_not_persisted)``). Without a retry the job would end failed and the deploy
     stay queued with no job at all; with it the deploy stays queued until the store answers:
     2, 4, 8 ... 60 s apart, for as long as it takes (a cancel turns the next run into a no-op).
+    A job that its stopping worker gave back unstarted (WorkerStopping) is free again at once.
     """
 
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
+        if isinstance(exception, WorkerStopping):
+            return RetryDecision(retry_in={"seconds": 0})
         if not isinstance(exception, StateStoreError):
             return None
         return RetryDecision(retry_in={"seconds": min(2 ** (job.attempts + 1), STORE_RETRY_MAX_WAIT)})

@@ -116,6 +116,7 @@ class Worker:
             pause = min(pause * 2, RESTART_PAUSE_MAX)
 
     def stop(self) -> None:
+        self.deployer.stopping.set()
         self._stopping.set()
 
     async def close(self) -> None:

@@ -339,6 +339,52 @@ async def test_sigterm_lets_the_running_deploy_finish_and_exits_0(database_url, 
         assert (await env.get(later["id"]))["status"] == "queued"
 
 
+async def test_sigterm_gives_back_a_prefetched_job_that_waits_for_a_slot(
+    database_url, tmp_path, runner_image
+):
+    """Scenario 5 with prefetch: a worker with cap 1 takes a second job, which waits for the
+    slot. After SIGTERM the running deploy finishes; the waiting job gets the slot but must not
+    start terraform past the stop: it goes back to the queue unstarted and another worker runs
+    it."""
+    import shutil
+
+    if not shutil.which("terraform"):
+        pytest.skip("no terraform on PATH")
+    async with environment(database_url, tmp_path, runner_image, runner="local") as env:
+        proc = env.spawn_worker("stopping", extra_env={"TFDEPLOY_MAX_CONCURRENCY": "1"})
+        first = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 4}}, workspace="p1")
+        await env.wait_log(first["id"], "B-STARTS")
+        second = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 0}}, workspace="p2")
+        env.deploy_ids = [first["id"], second["id"]]
+        deadline = time.monotonic() + 60
+        while True:  # the worker has fetched the second job: it waits for the slot
+            async with env.services.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'"
+                )
+                row = await cur.fetchone()
+            if row and row[0] == 2:
+                break
+            assert time.monotonic() < deadline, env.worker_log("stopping")[-3000:]
+            await asyncio.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = await asyncio.to_thread(proc.wait, 180)
+        assert rc == 0, env.worker_log("stopping")[-3000:]
+        assert (await env.get(first["id"]))["status"] == "succeeded"
+        assert [e["type"] for e in await env.events(second["id"])] == ["Requested"]
+        async with env.services.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT status FROM procrastinate_jobs WHERE args->>'deploy_id' = %s",
+                (second["id"],),
+            )
+            assert [r[0] for r in await cur.fetchall()] == ["todo"]
+        env.spawn_worker("next")
+        done = await env.wait(second["id"])
+        assert done["status"] == "succeeded", done
+        types = [e["type"] for e in await env.events(second["id"])]
+        assert types == ["Requested", "Started", "StatePersisted", "Succeeded"], types
+
+
 async def test_local_runner_worker_killed_mid_apply_its_terraform_is_taken_over(
     database_url, tmp_path, runner_image
 ):
