@@ -96,18 +96,31 @@ def free_port() -> int:
 
 
 class ApiProcess:
-    """``bench/_serve.py``: the API (no worker) under uvicorn in its own process."""
+    """``bench/_serve.py``: the API (no worker) under uvicorn in its own process; or, with
+    ``workers``, ``tfdeploy serve --workers N`` (N processes on one socket, as deployed)."""
 
-    def __init__(self, url: str, data_dir: str, *, profile: str | None = None) -> None:
+    def __init__(
+        self, url: str, data_dir: str, *, profile: str | None = None, workers: int | None = None
+    ) -> None:
         self.port = free_port()
         self.url = url
-        cmd = [PYTHON, str(ROOT / "bench" / "_serve.py"), url, data_dir, str(self.port)]
-        if profile:
-            cmd.append(profile)
+        self.workers = workers
+        env = None
+        if workers:
+            cmd = [PYTHON, "-m", "service.cli", "serve", "--workers", str(workers),
+                   "--host", "127.0.0.1", "--port", str(self.port)]
+            env = dict(os.environ, TFDEPLOY_DATABASE_URL=url, TFDEPLOY_DATA_DIR=data_dir,
+                       TFDEPLOY_LOG_LEVEL="warning")
+        else:
+            cmd = [PYTHON, str(ROOT / "bench" / "_serve.py"), url, data_dir, str(self.port)]
+            if profile:
+                cmd.append(profile)
         # Its log goes to a file: an unread pipe would fill up and stall the server's logging.
         self.log_path = Path(data_dir) / f"api-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT, env=env
+        )
         self.base = f"http://127.0.0.1:{self.port}"
 
     @property
@@ -135,10 +148,23 @@ class ApiProcess:
                 return int(line.split()[1])
         raise RuntimeError("no VmRSS")
 
+    def pids(self) -> list[int]:
+        """The server's process and its children (the ``--workers`` processes)."""
+        out = [self.proc.pid]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    out.append(int(stat.parent.name))
+        return out
+
     def cpu_seconds(self) -> float:
-        """user + system CPU time of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """user + system CPU time of the server's processes so far."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -314,16 +340,20 @@ async def harness(url: str, data_dir: str, runner: str, max_concurrency: int = 4
 # ---------------------------------------------------------------- py-spy
 
 
-def pyspy_start(pid: int, seconds: float, out: str, idle: bool = True) -> subprocess.Popen[bytes] | None:
+def pyspy_start(
+    pid: int, seconds: float, out: str, idle: bool = True, subprocesses: bool = False
+) -> subprocess.Popen[bytes] | None:
     """Sample ``pid`` with py-spy (if installed: ``pip install py-spy``) for ``seconds``;
-    ``idle=False`` keeps only samples of threads on CPU (a CPU profile)."""
+    ``idle=False`` keeps only samples of threads on CPU (a CPU profile); ``subprocesses``
+    samples its child processes too."""
     exe = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
     if not Path(exe).exists():
         print("py-spy not installed: no profile")
         return None
     return subprocess.Popen(
         [exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "200",
-         *(["--idle"] if idle else []), "--format", "raw", "-o", out, "--nonblocking"],
+         *(["--idle"] if idle else []), *(["--subprocesses"] if subprocesses else []),
+         "--format", "raw", "-o", out, "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 

@@ -1,11 +1,13 @@
 """Ingest: POST /deploys accepted per second with 32 concurrent clients, against the raw
 PostgreSQL rate of single-row insert-and-commit from 32 connections, same run, same cluster.
 
-    .venv/bin/python bench/ingest.py [--quick] [--seconds S] [--rounds N] [--clients C] [--profile]
+    .venv/bin/python bench/ingest.py [--quick] [--seconds S] [--rounds N] [--clients C]
+                                     [--workers N] [--waits] [--pyspy] [--profile]
 
-The API runs alone (no worker) under uvicorn in its own process (bench/_serve.py); the clients
-are keep-alive HTTP/1.1 connections in this process, each sending the next request as soon as
-the last is answered. The anchors insert one row per transaction into ``bench_ingest``, a table
+The API runs alone (no worker) as deployed: ``tfdeploy serve --workers N`` (N processes on one
+socket), N = the machine's cores by default (``--workers 0``: one process, bench/_serve.py, as
+``--profile`` always uses); the clients are keep-alive HTTP/1.1 connections in this process,
+each sending the next request as soon as the last is answered. The anchors insert one row per transaction into ``bench_ingest``, a table
 shaped like ``events`` (identity key, uuid, jsonb, the same unique key and indexes):
 ``pgbench`` (a C client: the server's own limit) and psycopg from Python (32 async
 connections). Rounds alternate anchor and API; the table gives each round and the medians.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import pstats
 import subprocess
 import sys
@@ -164,6 +167,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="API processes (tfdeploy serve --workers N); default: the machine's cores; "
+                         "0 = the single-process bench/_serve.py")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--waits", action="store_true", help="sample pg_stat_activity of the API's sessions")
     ap.add_argument("--pyspy", action="store_true", help="py-spy (CPU samples) the API process in the last API round")
@@ -186,7 +192,8 @@ def main() -> int:
         api_cpu: list[float] = []
         waits: dict[str, int] | None = {} if args.waits else None
         refused_total = 0
-        with ApiProcess(url, data_dir, profile=prof) as server:
+        workers = 0 if prof else args.workers  # cProfile needs the single-process server
+        with ApiProcess(url, data_dir, profile=prof, workers=workers or None) as server:
             asyncio.run(api_rate(server.port, token, c, min(1.0, seconds)))  # warm up
             for r in range(rounds):
                 pgb = pgbench_rate(pg, url, c, seconds)
@@ -196,7 +203,7 @@ def main() -> int:
                 spy = out = None
                 if args.pyspy and r == rounds - 1:
                     out = str(Path(data_dir) / "spy.txt")
-                    spy = pyspy_start(server.pid, seconds, out, idle=False)
+                    spy = pyspy_start(server.pid, seconds, out, idle=False, subprocesses=bool(workers))
                 cpu0 = server.cpu_seconds()
                 t_api = time.perf_counter()
                 rate, refused = asyncio.run(api_rate(server.port, token, c, seconds, waits, url))
@@ -210,14 +217,17 @@ def main() -> int:
                 rows.append([f"round {r + 1}", pgb, py, serial, rate, rate / pgb, rate / py])
         rows.append(["median", median(raw_c), median(raw_py), median(raw_serial), median(api),
                      median(api) / median(raw_c), median(api) / median(raw_py)])
-        print(f"ingest: {c} clients, {seconds:.0f} s per measurement, PostgreSQL {pg_version(url)}")
+        served = (f"tfdeploy serve --workers {workers} ({os.cpu_count()} cores here)" if workers
+                  else "one process (bench/_serve.py)")
+        print(f"ingest: {c} clients, {seconds:.0f} s per measurement, PostgreSQL {pg_version(url)}, "
+              f"API: {served}")
         table(
             ["run", "raw pgbench/s", "raw psycopg/s", "1-conn pgbench/s", "POST /deploys 202/s",
              "API/pgbench", "API/psycopg"],
             rows,
             title="Ingest (target API/raw >= 0.50)",
         )
-        print(f"API process CPU during the API rounds (median): {100 * median(api_cpu):.0f}% of one core")
+        print(f"API process(es) CPU during the API rounds (median): {100 * median(api_cpu):.0f}% of one core")
         if refused_total:
             print(f"non-202 answers: {refused_total}")
             return 1

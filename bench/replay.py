@@ -12,8 +12,9 @@ Anchors, same run, same table:
 - ``COPY (SELECT ... ORDER BY deploy_id, version) TO STDOUT``: PostgreSQL handing over every
   event, in stream order, with no Python at all;
 - a single-pass rebuild in Python (one ordered server-side cursor, ``view_of`` per stream, the
-  read model written with ``executemany`` in pipeline mode), rolled back: what the same fold
-  costs without one query per deploy.
+  read model written with ``executemany`` in pipeline mode), rolled back: the straightforward
+  single pass, which ``rebuild_projections`` (itself one pass since issue #7: JSON decoded
+  straight into the event types, rows written by COPY) should beat.
 ``--profile`` prints cProfile's top functions of one ``rebuild_projections`` run.
 """
 

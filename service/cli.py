@@ -73,7 +73,9 @@ def _server(app: Any, settings: Settings, host: str, port: int) -> Any:
     return Server(config)
 
 
-async def _run(settings: Settings, url: str, *, api: bool, worker: bool, host: str, port: int) -> None:
+async def _run(
+    settings: Settings, url: str, *, api: bool, worker: bool, host: str, port: int, sock: Any = None
+) -> None:
     from service.migrate import migrate
 
     if api and worker:
@@ -81,6 +83,8 @@ async def _run(settings: Settings, url: str, *, api: bool, worker: bool, host: s
         if applied:
             print(f"migrated: {', '.join(applied)}", file=sys.stderr)
     async with services_for(settings, url) as services:
+        if api:
+            _bound_database_waits(services.pool)
         if api and worker:
             await _ensure_admin_token(services, settings)
         tasks: list[asyncio.Task[Any]] = []
@@ -91,9 +95,10 @@ async def _run(settings: Settings, url: str, *, api: bool, worker: bool, host: s
             from service.api.app import create_app
 
             server = _server(create_app(services), settings, host, port)
-            tasks.append(asyncio.create_task(server.serve(), name="api"))
+            sockets = [sock] if sock is not None else None  # --workers: the parent's socket
+            tasks.append(asyncio.create_task(server.serve(sockets=sockets), name="api"))
             stoppers.append(lambda: setattr(server, "should_exit", True))
-            stoppers.append(_close_event_streams)
+            stoppers.append(lambda: _close_event_streams(services))
             print(f"tfdeploy API on http://{host}:{port}/", file=sys.stderr)
         if worker:
             from service.worker import Worker
@@ -132,12 +137,28 @@ async def _run(settings: Settings, url: str, *, api: bool, worker: bool, host: s
                 await wk.close()
 
 
-def _close_event_streams() -> None:
+# While PostgreSQL is away, a request waits this long for a connection, then answers 503 (psycopg
+# pool's default is 30 s); and the pool's reconnection attempts, which back off without limit,
+# start over this often, so the API is back within seconds of the database.
+API_POOL_WAIT = 5.0
+API_RECONNECT_WINDOW = 3.0
+
+
+def _bound_database_waits(pool: Any) -> None:
+    """Bounds for an API process's pool (they belong in service.db.open_pool's arguments)."""
+    pool.timeout = API_POOL_WAIT
+    pool.reconnect_timeout = API_RECONNECT_WINDOW
+
+
+def _close_event_streams(services: Any = None) -> None:
     """End open SSE streams at once on shutdown, so their clients reconnect elsewhere instead
     of holding the process for uvicorn's grace period."""
     from sse_starlette.sse import AppStatus
 
-    AppStatus.should_exit = True
+    AppStatus.should_exit = True  # sse-starlette ends every stream within its 0.5 s poll
+    hub = services.extras.get("hub") if services is not None else None
+    if hub is not None:
+        hub.shutdown()  # ours end now, each with a complete response
 
 
 async def _ensure_admin_token(services: Any, settings: Settings) -> None:
@@ -167,8 +188,62 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     with database(settings) as url:
+        if args.workers > 1:
+            return _serve_processes(settings, url, args.host, args.port, args.workers)
         asyncio.run(_run(settings, url, api=True, worker=False, host=args.host, port=args.port))
     return 0
+
+
+def _serve_processes(settings: Settings, url: str, host: str, port: int, workers: int) -> int:
+    """``serve --workers N``: one listening socket, N forked processes each serving the API on
+    it with its own event loop, pool and LISTEN hub (a process uses one core at most). SIGINT
+    or SIGTERM to this process stops them all; so does any of them exiting."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    print(f"tfdeploy API: {workers} processes", file=sys.stderr)
+    children: set[int] = set()
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker process: its own process group, so only the parent signals it
+            code = 1
+            try:
+                os.setpgid(0, 0)
+                asyncio.run(
+                    _run(settings, url, api=True, worker=False, host=host, port=port, sock=sock)
+                )
+                code = 0
+            finally:
+                os._exit(code)
+        children.add(pid)
+    sock.close()
+
+    stopping: list[int] = []  # the signals given to the children so far
+
+    def stop_all(_signum: int = signal.SIGTERM, _frame: Any = None) -> None:
+        # Once a graceful stop, a second signal (a second Ctrl-C) as a second: cancel.
+        if len(stopping) >= 2:
+            return
+        stopping.append(signal.SIGTERM)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop_all)
+    signal.signal(signal.SIGTERM, stop_all)
+    status = 0
+    while children:
+        pid, wstatus = os.wait()
+        children.discard(pid)
+        if os.waitstatus_to_exitcode(wstatus) != 0:
+            status = 1
+        if not stopping:  # one exited on its own: stop the others
+            stop_all()
+    return status
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
@@ -328,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--host", default=None)
         sp.add_argument("--port", type=int, default=None)
+        if name == "serve":
+            sp.add_argument(
+                "--workers", type=int, default=1, metavar="N",
+                help="serve the API from N processes on one socket (default 1)",
+            )
     sub.add_parser("worker", help="a worker alone")
     sub.add_parser("migrate", help="apply the database migrations")
 

@@ -7,6 +7,7 @@ queue the next run (``Requested``, ``Retried``) and forget the secrets once the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import msgspec
+import psycopg
 from psycopg.errors import UniqueViolation
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -30,7 +32,7 @@ from service.lifecycle import (
 )
 from service.projection import DeployView, StoredEvent, view_of
 from service.queries import q
-from service.queue import Queue
+from service.queue import Queue, workspace_lock
 
 CONFLICT_RETRIES = 8
 
@@ -103,32 +105,47 @@ class Deploys:
     async def _request_once(
         self, new: NewDeploy, owner: str, actor: str, key: str | None, digest: str
     ) -> tuple[DeployView, bool]:
-        async with self.pool.connection() as conn, conn.transaction():
-            if key:
-                cur = await conn.execute(q("get_idempotency"), {"owner": owner, "key": key})
-                row = await cur.fetchone()
-                if row:
-                    if row[0] != digest:
-                        raise IdempotencyMismatch(
-                            "this Idempotency-Key was used with a different request"
-                        )
-                    view = await store.get_deploy(conn, row[1])
-                    assert view is not None
-                    return view, False
-            deploy_id = str(uuid4())
-            files = {name: _sha256(content.encode()) for name, content in sorted(new.files.items())}
-            command = RequestDeploy(
-                workspace=new.workspace,
-                action=new.action,  # type: ignore[arg-type]
-                max_attempts=new.max_attempts,
-                owner=owner,
-                files=files,
-                variables=dict(new.variables),
-                secret_names=sorted(new.secrets),
-            )
-            events = decide(command, INITIAL)
-            await conn.execute(
-                q("insert_inputs"),
+        async with self.pool.connection() as conn:
+            # Autocommit: the Idempotency-Key lookup needs no transaction of its own (a twin
+            # request racing this one collides on the key's primary key), and the writes are
+            # one query, which PostgreSQL runs as one transaction.
+            await conn.set_autocommit(True)
+            try:
+                return await self._record(conn, new, owner, actor, key, digest)
+            finally:
+                with contextlib.suppress(psycopg.Error):  # a broken connection: the pool drops it
+                    await conn.set_autocommit(False)
+
+    async def _record(
+        self, conn: Any, new: NewDeploy, owner: str, actor: str, key: str | None, digest: str
+    ) -> tuple[DeployView, bool]:
+        if key:
+            cur = await conn.execute(q("get_idempotency"), {"owner": owner, "key": key})
+            row = await cur.fetchone()
+            if row:
+                if row[0] != digest:
+                    raise IdempotencyMismatch(
+                        "this Idempotency-Key was used with a different request"
+                    )
+                view = await store.get_deploy(conn, row[1])
+                assert view is not None
+                return view, False
+        deploy_id = str(uuid4())
+        files = {name: _sha256(content.encode()) for name, content in sorted(new.files.items())}
+        command = RequestDeploy(
+            workspace=new.workspace,
+            action=new.action,  # type: ignore[arg-type]
+            max_attempts=new.max_attempts,
+            owner=owner,
+            files=files,
+            variables=dict(new.variables),
+            secret_names=sorted(new.secrets),
+        )
+        events = decide(command, INITIAL)
+        writes = self._reactions(deploy_id, DeployState(), events)  # the job
+        writes.append(
+            (
+                "insert_inputs",
                 {
                     "deploy_id": deploy_id,
                     "files": Jsonb(new.files),
@@ -136,21 +153,29 @@ class Deploys:
                     "sha256": _sha256(msgspec.json.encode(new.files, order="sorted")),
                 },
             )
-            if new.secrets:
-                await conn.execute(
-                    q("insert_secrets"),
+        )
+        if new.secrets:
+            writes.append(
+                (
+                    "insert_secrets",
                     {"deploy_id": deploy_id, "ciphertext": self._encrypt(dict(new.secrets))},
                 )
-            if key:
-                await conn.execute(
-                    q("insert_idempotency"),
+            )
+        if key:
+            writes.append(
+                (
+                    "insert_idempotency",
                     {"owner": owner, "key": key, "request_sha256": digest, "deploy_id": deploy_id},
                 )
-            await self._react(conn, deploy_id, DeployState(), events)
-            # Last: the append holds the global append lock until commit, so everything else
-            # in this transaction happens before it.
-            stored = await store.append(conn, deploy_id, 0, events, actor, prior=[])
-            return view_of(stored), True
+            )
+        # The job, the inputs, the secrets, the key and, last, the append go to PostgreSQL
+        # as ONE query, which in autocommit mode is one transaction: all or nothing, one
+        # round trip, and the global append lock is held only while PostgreSQL appends and
+        # commits.
+        stored = await store.append_and_commit(
+            conn, deploy_id, 0, events, actor, prior=[], before=writes
+        )
+        return view_of(stored), True
 
     # ------------------------------------------------------------ commands
 
@@ -164,43 +189,73 @@ class Deploys:
         deploy_id = str(deploy_id)
         for _ in range(CONFLICT_RETRIES):
             try:
-                async with self.pool.connection() as conn, conn.transaction():
+                # One transaction, committed by append_and_commit (rolled back by the pool's
+                # connection context on any error).
+                async with self.pool.connection() as conn:
                     prior = await store.read_stream(conn, deploy_id)
                     if not prior:
                         raise NotFound(deploy_id)
                     state = fold(e.event for e in prior)
                     events = decide(command, state)
-                    await self._react(conn, deploy_id, state, events)
-                    # Last, as in request(): the append lock is then held only to commit.
-                    new = await store.append(
-                        conn, deploy_id, prior[-1].version, events, actor, prior=prior
+                    # What the events require, then the append and the COMMIT, in one round
+                    # trip: the append lock is held only while PostgreSQL appends and commits.
+                    new = await store.append_and_commit(
+                        conn,
+                        deploy_id,
+                        prior[-1].version,
+                        events,
+                        actor,
+                        prior=prior,
+                        before=self._reactions(deploy_id, state, events),
                     )
                     return new, view_of([*prior, *new])
             except store.VersionConflict:
                 continue
         raise store.VersionConflict(deploy_id, -1, -1)
 
-    async def _react(
-        self, conn: Any, deploy_id: str, before: DeployState, events: Sequence[Event]
-    ) -> None:
-        """What the new events require, in their transaction (which rolls back with them if
-        the append that follows conflicts)."""
+    def _reactions(
+        self, deploy_id: str, before: DeployState, events: Sequence[Event]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """What the new events require, as statements for their transaction (which rolls back
+        with them if the append that follows conflicts): the next run's job, and forgetting the
+        secrets when the deploy ends."""
         state = fold(events, before)
+        out: list[tuple[str, dict[str, Any]]] = []
         for event in events:
             if isinstance(event, Requested):
-                await self.queue.defer_run(
-                    conn, deploy_id=deploy_id, attempt=1, workspace=event.workspace
-                )
+                out.append(self._defer_run(deploy_id, 1, event.workspace))
             elif isinstance(event, Retried):
-                await self.queue.defer_run(
-                    conn,
-                    deploy_id=deploy_id,
-                    attempt=event.attempt,
-                    workspace=state.workspace,
-                    delay=event.delay_seconds,
+                out.append(
+                    self._defer_run(deploy_id, event.attempt, state.workspace, event.delay_seconds)
                 )
             if ends_deploy(event):
-                await conn.execute(q("delete_secrets"), {"deploy_id": deploy_id})
+                out.append(("delete_secrets", {"deploy_id": deploy_id}))
+        return out
+
+    def _defer_run(
+        self, deploy_id: str, attempt: int, workspace: str, delay: float = 0.0
+    ) -> tuple[str, dict[str, Any]]:
+        """procrastinate's ``run_deploy`` job, made by procrastinate (queue, task, the
+        workspace's lock, the schedule) as ``Queue.defer_run`` makes it, and inserted by
+        procrastinate's own SQL function (``defer_job``) so that it travels with the append."""
+        options: dict[str, Any] = {"lock": workspace_lock(workspace)}
+        if delay > 0:
+            options["schedule_in"] = {"seconds": delay}
+        job = self.queue.run_deploy.configure(**options).make_new_job(
+            deploy_id=deploy_id, attempt=attempt
+        )
+        return (
+            "defer_job",
+            {
+                "queue_name": job.queue,
+                "task_name": job.task_name,
+                "priority": job.priority,
+                "lock": job.lock,
+                "queueing_lock": job.queueing_lock,
+                "args": Jsonb(job.task_kwargs),
+                "scheduled_at": job.scheduled_at,
+            },
+        )
 
     # ------------------------------------------------------------ reads
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 import msgspec
@@ -44,19 +44,39 @@ def view_of(records: Sequence[StoredEvent]) -> DeployView:
     """Fold a deploy's whole stream (ordered by version) into its read model."""
     if not records:
         raise ValueError("a deploy needs at least one event")
-    state = fold(r.event for r in records)
     first, last = records[0], records[-1]
+    return view_from(
+        first.deploy_id,
+        [r.event for r in records],
+        created_at=first.recorded_at,
+        updated_at=last.recorded_at,
+        version=last.version,
+    )
+
+
+def view_from(
+    deploy_id: str,
+    events: Iterable[Event],
+    *,
+    created_at: datetime,
+    updated_at: datetime,
+    version: int,
+) -> DeployView:
+    """The read model of a deploy's whole stream given as its events (ordered by version) and
+    the stream's first and last ``recorded_at`` and last version: what ``view_of`` computes,
+    for callers that hold the events without a ``StoredEvent`` around each (the rebuild)."""
+    state = fold(events)
     return DeployView(
-        id=first.deploy_id,
+        id=deploy_id,
         owner=state.owner,
         workspace=state.workspace,
         action=state.action,
         status=status_of(state),
         attempt=shown_attempt(state),
         max_attempts=state.max_attempts,
-        created_at=first.recorded_at,
-        updated_at=last.recorded_at,
-        version=last.version,
+        created_at=created_at,
+        updated_at=updated_at,
+        version=version,
         cancel_requested=state.cancel_requested,
         state_version=state.state_version,
         error=state.error,

@@ -8,22 +8,24 @@ together or not at all.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import msgspec
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.errors import UniqueViolation
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from service.events import Event, from_data, to_data, type_name
+from service.events import EVENT_TYPES, Event, from_data, to_data, type_name
 from service.lifecycle import ErrorInfo
-from service.projection import DeployView, StoredEvent, view_of
+from service.projection import DeployView, StoredEvent, view_from
 from service.queries import q
 
 Conn = AsyncConnection[Any]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class VersionConflict(Exception):
@@ -63,6 +65,70 @@ async def read_all_after(conn: Conn, after: int, limit: int = 500) -> list[Store
     return [_stored(r) for r in rows]
 
 
+# SQLSTATE of the version check in tfdeploy_append (migration 0006).
+VERSION_CONFLICT_SQLSTATE = "TD409"
+
+
+def version_conflict(exc: BaseException, deploy_id: str, expected: int) -> VersionConflict | None:
+    """The VersionConflict an append refused in the database raised as ``exc``, if it is one."""
+    if isinstance(exc, UniqueViolation) and getattr(exc.diag, "table_name", None) == "events":
+        return VersionConflict(deploy_id, expected, -1)  # the unique (deploy_id, version)
+    if isinstance(exc, psycopg.Error) and exc.sqlstate == VERSION_CONFLICT_SQLSTATE:
+        detail = exc.diag.message_detail or ""
+        return VersionConflict(deploy_id, expected, int(detail) if detail.isdigit() else -1)
+    return None
+
+
+async def _append_params(
+    conn: Conn,
+    deploy_id: str,
+    expected_version: int,
+    events: Sequence[Event],
+    actor: str,
+    prior: Sequence[StoredEvent] | None,
+) -> dict[str, Any]:
+    """The parameters of the ``append`` query: the events, and the read model they lead to,
+    folded here by the same code as ``view_of`` (only recorded_at and the version of the new
+    events are left to the database)."""
+    # Reuse ``prior`` only if it is the whole stream 1..expected_version (n distinct versions
+    # ending at n): an empty or partial prior would fold a read model from a fragment. A
+    # stream read here, before the lock, is exact if the version check under the lock passes
+    # (events never change), and unused if it fails.
+    if (
+        prior is None
+        or len(prior) != expected_version
+        or (prior and prior[-1].version != expected_version)
+    ):
+        prior = (await read_stream(conn, deploy_id))[:expected_version]
+    placeholder = prior[0].recorded_at if prior else _EPOCH  # timestamps: the database's
+    view = view_from(
+        deploy_id,
+        [*(e.event for e in prior), *events],
+        created_at=placeholder,
+        updated_at=placeholder,
+        version=expected_version + len(events),
+    )
+    error = view.error
+    return {
+        "deploy_id": deploy_id,
+        "expected": expected_version,
+        "types": [type_name(e) for e in events],
+        "data": [Jsonb(to_data(e)) for e in events],
+        "actor": actor,
+        "owner": view.owner,
+        "workspace": view.workspace,
+        "action": view.action,
+        "status": view.status,
+        "attempt": view.attempt,
+        "max_attempts": view.max_attempts,
+        "cancel_requested": view.cancel_requested,
+        "state_version": view.state_version,
+        "error_reason": error.reason if error else None,
+        "error_message": error.message if error else None,
+        "created_at": prior[0].recorded_at if prior else None,
+    }
+
+
 async def append(
     conn: Conn,
     deploy_id: str | UUID,
@@ -75,42 +141,66 @@ async def append(
     transaction. Raises VersionConflict if the stream is not at ``expected_version``.
 
     ``prior`` is the stream as the caller read it (saves a read); it must end at
-    ``expected_version``.
+    ``expected_version``. ``append_and_commit`` is the form that also commits, in the same
+    round trip.
     """
     if not events:
         return []
     deploy_id = str(deploy_id)
-    # Serialise appends: positions then commit in the order they were taken, so a reader of
-    # the global feed that saw position N never later finds a smaller one committing.
-    await conn.execute(q("lock_appends"))
-    await conn.execute(q("lock_deploy"), {"deploy_id": deploy_id})
-    rows = await _rows(conn, "stream_version", {"deploy_id": deploy_id})
-    actual = rows[0]["version"]
-    if actual != expected_version:
-        raise VersionConflict(deploy_id, expected_version, actual)
-    # Reuse ``prior`` only if it is the whole stream 1..expected_version (n distinct versions
-    # ending at n): an empty or partial prior would fold a read model from a fragment.
-    if (
-        prior is None
-        or len(prior) != expected_version
-        or (prior and prior[-1].version != expected_version)
-    ):
-        prior = await read_stream(conn, deploy_id)
-    new: list[StoredEvent] = []
+    params = await _append_params(conn, deploy_id, expected_version, events, actor, prior)
     try:
-        for i, event in enumerate(events, start=1):
-            params = {
-                "deploy_id": deploy_id,
-                "version": expected_version + i,
-                "type": type_name(event),
-                "data": Jsonb(to_data(event)),
-                "actor": actor,
-            }
-            new.extend(_stored(r) for r in await _rows(conn, "insert_event", params))
-    except UniqueViolation:  # pragma: no cover - the lock above makes this a backstop
-        raise VersionConflict(deploy_id, expected_version, -1) from None
-    await write_view(conn, view_of([*prior, *new]))
-    return new
+        rows = await _rows(conn, "append", params)
+    except psycopg.Error as exc:
+        raise version_conflict(exc, deploy_id, expected_version) or exc from None
+    return [_stored(r) for r in rows]
+
+
+async def append_and_commit(
+    conn: Conn,
+    deploy_id: str | UUID,
+    expected_version: int,
+    events: Sequence[Event],
+    actor: str,
+    prior: Sequence[StoredEvent] | None = None,
+    *,
+    before: Sequence[tuple[str, dict[str, Any]]] = (),
+) -> list[StoredEvent]:
+    """``append``, then COMMIT the connection's transaction, in one round trip.
+
+    ``before`` are the caller's own writes for the same transaction (named queries and their
+    parameters), run just before the append. They, the append and ``COMMIT`` go to PostgreSQL
+    as one query (simple protocol, parameters bound here), so the append lock is taken and
+    released by PostgreSQL alone: it is never held while the answer travels back to this
+    process and waits for its event loop.
+
+    Without autocommit, the COMMIT ends the transaction psycopg began (the caller's earlier
+    statements commit with it); the connection must not be in a ``conn.transaction()`` block.
+    In autocommit mode the one query is itself the transaction (PostgreSQL runs the statements
+    of one simple query as one transaction), with no COMMIT sent. If any statement fails
+    nothing commits: the error is raised (VersionConflict for a stale ``expected_version``)
+    and, without autocommit, the caller rolls back (a pool's connection context does).
+    """
+    deploy_id = str(deploy_id)
+    if not events:
+        async with conn.cursor() as cur:
+            for name, p in before:
+                await cur.execute(q(name), p)
+        await conn.commit()
+        return []
+    params = await _append_params(conn, deploy_id, expected_version, events, actor, prior)
+    async with psycopg.AsyncClientCursor(conn, row_factory=dict_row) as cur:
+        parts = [cur.mogrify(q(name), p) for name, p in before]
+        parts.append(cur.mogrify(q("append"), params))
+        if not conn.autocommit:
+            parts.append("COMMIT")
+        try:
+            await cur.execute(";\n".join(parts).encode())
+        except psycopg.Error as exc:
+            raise version_conflict(exc, deploy_id, expected_version) or exc from None
+        for _ in before:
+            cur.nextset()
+        rows = await cur.fetchall()
+    return [_stored(r) for r in rows]
 
 
 async def write_view(conn: Conn, view: DeployView) -> None:
@@ -192,11 +282,72 @@ async def audit_page(
     return [_stored(r) for r in await _rows(conn, "audit_page", params)]
 
 
+# The rebuild decodes each event's ``data`` straight from its JSON text into its type (what
+# ``from_data`` does from a dict, without building the dict first).
+_DECODERS = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
+REBUILD_FETCH = 20_000  # events per FETCH of the rebuild's scan
+REBUILD_WRITE = 5_000  # read-model rows per COPY
+
+
+def _view_row(view: DeployView) -> tuple[Any, ...]:
+    """A read-model row in the column order of ``copy_deploys``."""
+    error = view.error
+    return (
+        view.id, view.owner, view.workspace, view.action, view.status, view.attempt,
+        view.max_attempts, view.cancel_requested, view.state_version,
+        error.reason if error else None, error.message if error else None,
+        view.version, view.created_at, view.updated_at,
+    )
+
+
+async def _copy_views(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
+    async with conn.cursor() as cur, cur.copy(q("copy_deploys")) as copy:
+        for row in rows:
+            await copy.write_row(row)
+
+
 async def rebuild_projections(conn: Conn) -> int:
-    """Recompute every deploy's read model from its events, in the caller's transaction."""
-    await conn.execute(q("lock_appends"))  # no append slips in between the read and the write
-    await conn.execute(q("clear_deploys"))
-    ids = [r["deploy_id"] for r in await _rows(conn, "all_deploy_ids", {})]
-    for deploy_id in ids:
-        await write_view(conn, view_of(await read_stream(conn, deploy_id)))
-    return len(ids)
+    """Recompute every deploy's read model from its events; returns the number of deploys.
+
+    One pass over ``events`` in (deploy_id, version) order through a server-side cursor, each
+    stream folded by ``projection.view_from`` (the fold ``view_of`` and the appends use) as soon
+    as it ends, the rows written by ``COPY`` in batches. All in one transaction (a savepoint if
+    the caller has one open): readers see the old read model until it commits, and the append
+    lock keeps every append out until then.
+    """
+    async with conn.transaction():
+        await conn.execute(q("lock_appends"))  # no append slips in between the read and the write
+        await conn.execute(q("clear_deploys"))
+        decoders = _DECODERS
+        out: list[tuple[Any, ...]] = []
+        deploys = 0
+        current: str | None = None
+        events: list[Event] = []
+        created_at: Any = None  # the current stream's first and last recorded_at
+        updated_at: Any = None
+        version = 0
+        async with conn.cursor("tfdeploy_rebuild") as scan:
+            await scan.execute(q("rebuild_scan"))
+            while rows := await scan.fetchmany(REBUILD_FETCH):
+                for deploy_id, v, type_, data, recorded_at in rows:
+                    if deploy_id != current:
+                        if current is not None:
+                            out.append(_view_row(view_from(
+                                current, events, created_at=created_at,
+                                updated_at=updated_at, version=version,
+                            )))
+                        current, events, created_at = deploy_id, [], recorded_at
+                    events.append(decoders[type_].decode(data))
+                    updated_at, version = recorded_at, v
+                if len(out) >= REBUILD_WRITE:
+                    deploys += len(out)
+                    await _copy_views(conn, out)
+                    out = []
+        if current is not None:
+            out.append(_view_row(view_from(
+                current, events, created_at=created_at, updated_at=updated_at, version=version,
+            )))
+        if out:
+            deploys += len(out)
+            await _copy_views(conn, out)
+    return deploys

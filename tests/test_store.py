@@ -374,6 +374,61 @@ async def test_concurrent_writers_at_the_same_version_exactly_one_wins(pool, con
     assert [e.version for e in await store.read_stream(conn, d)] == [1, 2, 3, 4]
 
 
+async def test_append_and_commit_commits_the_whole_transaction_in_one_go(pool, conn, database_url):
+    """append_and_commit: the caller's earlier statements, its ``before`` writes, the append and
+    the COMMIT land together; a stale version or a failing write commits nothing; the append
+    lock is released by the commit."""
+    d = str(uuid4())
+    async with pool.connection() as c:  # a transaction begun by psycopg, as Deploys does
+        await c.execute("INSERT INTO deploy_secrets (deploy_id, ciphertext) VALUES (%s, 'x')", (d,))
+        inputs = {"deploy_id": d, "files": Jsonb({"main.tf": "#"}), "variables": Jsonb({}), "sha256": "s"}
+        stored = await store.append_and_commit(
+            c, d, 0, [requested()], "user:alice", prior=[], before=[("insert_inputs", inputs)]
+        )
+        assert c.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE  # committed
+    assert [(e.version, e.type) for e in stored] == [(1, "Requested")]
+    assert await store.read_stream(conn, d) == stored
+    view = await store.get_deploy(conn, d)
+    assert (view.status, view.version, view.created_at, view.updated_at) == (
+        "queued", 1, stored[0].recorded_at, stored[0].recorded_at,
+    )
+    cur = await conn.execute(
+        "SELECT (SELECT count(*) FROM deploy_inputs WHERE deploy_id = %s),"
+        " (SELECT count(*) FROM deploy_secrets WHERE deploy_id = %s)", (d, d)
+    )
+    assert await cur.fetchone() == (1, 1)
+    assert await waiting_on(conn, APPEND_LOCK) == 0
+    cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+    assert (await cur.fetchone())[0] == 0  # the commit released the append locks
+
+    # A stale expected version: VersionConflict with the actual one, nothing of the
+    # transaction commits (the pool's context rolls it back).
+    with pytest.raises(store.VersionConflict) as info:
+        async with pool.connection() as c:
+            await c.execute("INSERT INTO deploy_secrets (deploy_id, ciphertext) VALUES (%s, 'y')", (uuid4(),))
+            await store.append_and_commit(c, d, 0, [requested()], "user:alice", prior=[])
+    assert (info.value.expected, info.value.actual) == (0, 1)
+    cur = await conn.execute("SELECT count(*) FROM deploy_secrets")
+    assert (await cur.fetchone())[0] == 1
+
+    # A ``before`` write that fails (here a duplicate input row) takes the append with it.
+    with pytest.raises(errors.UniqueViolation):
+        async with pool.connection() as c:
+            await store.append_and_commit(
+                c, d, 1, [Started(attempt=1)], "worker:w1", before=[("insert_inputs", inputs)]
+            )
+    assert [e.version for e in await store.read_stream(conn, d)] == [1]
+    assert (await store.get_deploy(conn, d)).status == "queued"
+
+    # An existing stream, prior read by the store itself: the view keeps the stream's created_at.
+    async with pool.connection() as c:
+        new = await store.append_and_commit(c, d, 1, [Started(attempt=1)], "worker:w1")
+    view = await store.get_deploy(conn, d)
+    assert (view.status, view.version, view.created_at, view.updated_at) == (
+        "deploying", 2, stored[0].recorded_at, new[0].recorded_at,
+    )
+
+
 async def test_many_rounds_of_racing_writers(pool, conn):
     """Twenty deploys, each raced by two writers at once, without holding the lock artificially."""
     ids = [str(uuid4()) for _ in range(20)]
@@ -738,6 +793,45 @@ async def test_rebuild_reproduces_the_live_read_model_exactly(pool, conn):
         assert await store.rebuild_projections(conn) == 300
     assert await table(conn, "deploys", "id") == live
     assert await table(conn, "events", "position") == events_before
+
+
+async def test_rebuild_in_small_batches_is_exact_and_invisible_until_commit(
+    pool, conn, database_url, monkeypatch
+):
+    """The single pass fetches and writes in batches: stream boundaries that fall on a fetch
+    or write boundary fold the same, and a reader sees the old read model until the rebuild
+    commits (never a half-written one)."""
+    await drive(pool, count=120, seed=23)
+    live = await table(conn, "deploys", "id")
+    monkeypatch.setattr(store, "REBUILD_FETCH", 7)  # fewer events than most streams
+    monkeypatch.setattr(store, "REBUILD_WRITE", 5)
+    await conn.execute("UPDATE deploys SET status = 'bogus' WHERE id IN (SELECT id FROM deploys LIMIT 30)")
+    damaged = await table(conn, "deploys", "id")
+    other = await connect(database_url)
+    try:
+        async with conn.transaction():
+            assert await store.rebuild_projections(conn) == 120
+            assert await table(conn, "deploys", "id") == live  # done, in this transaction
+            assert await table(other, "deploys", "id") == damaged  # not yet for anyone else
+        assert await table(other, "deploys", "id") == live
+    finally:
+        await other.close()
+
+    # Outside a transaction (autocommit), it still runs as one.
+    await conn.execute("DELETE FROM deploys WHERE id IN (SELECT id FROM deploys LIMIT 10)")
+    assert await store.rebuild_projections(conn) == 120
+    assert await table(conn, "deploys", "id") == live
+
+
+async def test_rebuild_without_events_empties_the_read_model(conn):
+    await conn.execute(
+        "INSERT INTO deploys (id, owner, workspace, action, status, attempt, max_attempts, version, created_at, updated_at) "
+        "VALUES (%s, 'x', 'x', 'apply', 'queued', 1, 3, 1, now(), now())",
+        (uuid4(),),
+    )
+    async with conn.transaction():
+        assert await store.rebuild_projections(conn) == 0
+    assert await table(conn, "deploys", "id") == []
 
 
 # --------------------------------------------------------------------------- 5. list_deploys

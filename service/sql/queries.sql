@@ -5,20 +5,18 @@
 -- Serialise appends for the rest of the transaction so global positions commit in order.
 SELECT pg_advisory_xact_lock(7310002);
 
--- lock_deploy --
--- Serialise a deploy's event appends with its log writes (service.logs uses the same lock), so
--- a log line's after_version is exact.
-SELECT pg_advisory_xact_lock(7310004, hashtext(%(deploy_id)s::text));
-
--- stream_version --
--- The current version of a deploy's stream (0 when it has no events).
-SELECT coalesce(max(version), 0) AS version FROM events WHERE deploy_id = %(deploy_id)s;
-
--- insert_event --
--- Append one event; the unique (deploy_id, version) refuses a second writer at that version.
-INSERT INTO events (deploy_id, version, type, data, actor)
-VALUES (%(deploy_id)s, %(version)s, %(type)s, %(data)s, %(actor)s)
-RETURNING position, deploy_id, version, type, data, recorded_at, actor;
+-- append --
+-- Append events after an expected version and write the read model, in one statement
+-- (tfdeploy_append, migration 0006: the append lock, the per-deploy lock, the version check
+-- with SQLSTATE TD409, the inserts and the upsert of deploys).
+SELECT position, deploy_id, version, type, data, recorded_at, actor
+FROM tfdeploy_append(%(deploy_id)s::uuid, %(expected)s::integer, %(types)s::text[],
+                     %(data)s::jsonb[], %(actor)s::text, %(owner)s::text, %(workspace)s::text,
+                     %(action)s::text, %(status)s::text, %(attempt)s::integer,
+                     %(max_attempts)s::integer, %(cancel_requested)s::boolean,
+                     %(state_version)s::integer, %(error_reason)s::text,
+                     %(error_message)s::text, %(created_at)s::timestamptz)
+ORDER BY version;
 
 -- read_stream --
 -- A deploy's events in order.
@@ -66,9 +64,17 @@ WHERE (%(owner)s::text IS NULL OR owner = %(owner)s::text)
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 
--- all_deploy_ids --
--- Every deploy that has events, for a projection rebuild.
-SELECT DISTINCT deploy_id FROM events;
+-- rebuild_scan --
+-- Every event in stream order, for a projection rebuild (one pass, through a server-side
+-- cursor); data as JSON text, decoded straight into its event type.
+SELECT deploy_id::text, version, type, data::text, recorded_at
+FROM events ORDER BY deploy_id, version;
+
+-- copy_deploys --
+-- Read-model rows in bulk, for a projection rebuild (store._view_row's column order).
+COPY deploys (id, owner, workspace, action, status, attempt, max_attempts, cancel_requested,
+              state_version, error_reason, error_message, version, created_at, updated_at)
+FROM STDIN;
 
 -- clear_deploys --
 -- Empty the read model before a rebuild (the events stay).
@@ -148,6 +154,15 @@ UNION ALL
  ORDER BY m.position LIMIT %(limit)s)
 ORDER BY position
 LIMIT %(limit)s;
+
+-- defer_job --
+-- Queue a procrastinate job (built by procrastinate: service.deploys._defer_run) through
+-- procrastinate's own SQL function, the one its defer runs, so that the job can travel in one
+-- query with the append (store.append_and_commit) and commit with it.
+SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[ROW(
+    %(queue_name)s::varchar, %(task_name)s::varchar, %(priority)s::integer, %(lock)s::text,
+    %(queueing_lock)s::text, %(args)s::jsonb, %(scheduled_at)s::timestamptz
+)::procrastinate_job_to_defer_v1]) ) AS id;
 
 -- insert_inputs --
 -- A deploy's files and variables, written once with its Requested event.
