@@ -3,7 +3,7 @@
 --
 -- Why: the append lock (7310002) serialises every append until its transaction commits, so
 -- every round trip to the client made while holding it is time no other append can use. With
--- this function the client sends the append and its COMMIT together (psycopg pipeline mode):
+-- this function the client sends the append and its COMMIT together (one simple-protocol query, store.append_and_commit):
 -- the lock is held only while PostgreSQL itself runs the append and the commit.
 --
 -- Same rules as before, in the same order: the global transaction-scoped advisory lock first
