@@ -82,9 +82,9 @@ async def _run(
         applied = migrate(url)
         if applied:
             print(f"migrated: {', '.join(applied)}", file=sys.stderr)
-    async with services_for(settings, url) as services:
-        if api:
-            _bound_database_waits(services.pool)
+    # An API request waits API_POOL_WAIT for a connection, then answers 503; a worker waits
+    # psycopg_pool's default 30 s (its outcome appends retry on their own).
+    async with services_for(settings, url, pool_wait=API_POOL_WAIT if api else 30.0) as services:
         if api and worker:
             await _ensure_admin_token(services, settings)
         tasks: list[asyncio.Task[Any]] = []
@@ -137,17 +137,9 @@ async def _run(
                 await wk.close()
 
 
-# While PostgreSQL is away, a request waits this long for a connection, then answers 503 (psycopg
-# pool's default is 30 s); and the pool's reconnection attempts, which back off without limit,
-# start over this often, so the API is back within seconds of the database.
+# While PostgreSQL is away, an API request waits this long for a connection, then answers 503
+# (psycopg_pool's default is 30 s). The pool's reconnect window is service.db's.
 API_POOL_WAIT = 5.0
-API_RECONNECT_WINDOW = 3.0
-
-
-def _bound_database_waits(pool: Any) -> None:
-    """Bounds for an API process's pool (they belong in service.db.open_pool's arguments)."""
-    pool.timeout = API_POOL_WAIT
-    pool.reconnect_timeout = API_RECONNECT_WINDOW
 
 
 def _close_event_streams(services: Any = None) -> None:

@@ -7,9 +7,12 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 
-async def open_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "tfdeploy") -> AsyncConnectionPool[Any]:
+async def open_pool(
+    url: str, *, min_size: int = 1, max_size: int = 20, name: str = "tfdeploy", wait: float = 30.0
+) -> AsyncConnectionPool[Any]:
     """An open pool whose connections are checked before use, so a restarted PostgreSQL costs
-    one failed request at most, not a pool of dead connections."""
+    one failed request at most, not a pool of dead connections. ``wait``: how long a request
+    waits for a connection (then PoolTimeout; the API maps it to 503)."""
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         url,
         min_size=min_size,
@@ -18,6 +21,7 @@ async def open_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: st
         open=False,
         check=AsyncConnectionPool.check_connection,
         kwargs={"application_name": name},
+        timeout=wait,
         # psycopg_pool doubles its pause between reconnection tries until this window ends, so
         # a long window means a long wait after PostgreSQL is back (6 s+ seen after an 8 s
         # outage). A short one ends the try; the next request starts a fresh one at once.

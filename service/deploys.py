@@ -32,7 +32,7 @@ from service.lifecycle import (
 )
 from service.projection import DeployView, StoredEvent, view_of
 from service.queries import q
-from service.queue import Queue, workspace_lock
+from service.queue import Queue
 
 CONFLICT_RETRIES = 8
 
@@ -235,14 +235,10 @@ class Deploys:
     def _defer_run(
         self, deploy_id: str, attempt: int, workspace: str, delay: float = 0.0
     ) -> tuple[str, dict[str, Any]]:
-        """procrastinate's ``run_deploy`` job, made by procrastinate (queue, task, the
-        workspace's lock, the schedule) as ``Queue.defer_run`` makes it, and inserted by
-        procrastinate's own SQL function (``defer_job``) so that it travels with the append."""
-        options: dict[str, Any] = {"lock": workspace_lock(workspace)}
-        if delay > 0:
-            options["schedule_in"] = {"seconds": delay}
-        job = self.queue.run_deploy.configure(**options).make_new_job(
-            deploy_id=deploy_id, attempt=attempt
+        """procrastinate's ``run_deploy`` job (``Queue.run_job``), inserted by procrastinate's
+        own SQL function (``defer_job``) so that it travels with the append."""
+        job = self.queue.run_job(
+            deploy_id=deploy_id, attempt=attempt, workspace=workspace, delay=delay
         )
         return (
             "defer_job",

@@ -13,7 +13,6 @@ from typing import Any
 import procrastinate
 from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
-from psycopg import AsyncConnection
 
 from service.statestores.base import StateStoreError
 
@@ -71,20 +70,14 @@ class Queue:
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler
 
-    async def defer_run(
-        self,
-        conn: AsyncConnection[Any],
-        *,
-        deploy_id: str,
-        attempt: int,
-        workspace: str,
-        delay: float = 0.0,
-    ) -> int:
-        """Queue a run in the caller's transaction: it commits with the events, or not at all."""
-        options: dict[str, Any] = {"connection": conn, "lock": workspace_lock(workspace)}
+    def run_job(self, *, deploy_id: str, attempt: int, workspace: str, delay: float = 0.0) -> Job:
+        """The job that runs ``attempt``, as procrastinate makes it (queue, task, the workspace's
+        lock, the schedule), not yet inserted: the caller inserts it in the transaction that
+        appends the events, so it commits with them or not at all (service/deploys.py)."""
+        options: dict[str, Any] = {"lock": workspace_lock(workspace)}
         if delay > 0:
             options["schedule_in"] = {"seconds": delay}
-        return await self.run_deploy.configure(**options).defer_async(
+        return self.run_deploy.configure(**options).make_new_job(
             deploy_id=deploy_id, attempt=attempt
         )
 

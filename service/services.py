@@ -31,12 +31,14 @@ class Services:
         await self.pool.close()
 
 
-async def open_services(settings: Settings, database_url: str, *, pool_size: int = 20) -> Services:
+async def open_services(
+    settings: Settings, database_url: str, *, pool_size: int = 20, pool_wait: float = 30.0
+) -> Services:
     from service.secrets import SecretBox, load_or_create_key
 
     key = load_or_create_key(settings)
     box = SecretBox(key)
-    pool = await open_pool(database_url, max_size=pool_size)
+    pool = await open_pool(database_url, max_size=pool_size, wait=pool_wait)
     queue = Queue(database_url)
     await queue.open()
     deploys = Deploys(

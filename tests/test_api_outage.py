@@ -114,11 +114,9 @@ async def writer_services(cluster: Any, tmp_path: Path) -> AsyncIterator[Service
     """Services of this test process on the cluster: they write events and log lines as a
     worker does (the deploys' lifecycle is driven from here, no terraform needed)."""
     settings = from_env({}, data_dir=str(tmp_path / "data"))
-    services = await open_services(settings, cluster.url, pool_size=4)
     # Back soon after the database (as the API process is, service.cli), so the writes resume
     # quickly: the streams' resumption is measured from the first write after the outage.
-    services.pool.timeout = 5.0
-    services.pool.reconnect_timeout = 3.0
+    services = await open_services(settings, cluster.url, pool_size=4, pool_wait=5.0)
     try:
         yield services
     finally:

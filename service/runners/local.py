@@ -86,7 +86,6 @@ class LocalSlot:
     lock_fd: int
     root: Path  # private temp dir (mode 700): config/ (terraform's cwd) and home/
     _released: bool = field(default=False, repr=False)
-    _place_freed: bool = field(default=False, repr=False)
 
     @property
     def config_dir(self) -> Path:
@@ -96,15 +95,9 @@ class LocalSlot:
     def home_dir(self) -> Path:
         return self.root / "home"
 
-    def free_place(self) -> None:
-        """Give the place under the cap back (at ``release()``, once the outcome is recorded)."""
-        if self._place_freed:
-            return
-        self._place_freed = True
-        os.close(self.lock_fd)
-        _notify(self.runner.slots_dir_key)
-
     async def release(self) -> None:
+        """Remove the temp dir and run record, then give the place under the cap back (called
+        once the outcome is recorded; idempotent)."""
         if self._released:
             return
         self._released = True
@@ -113,7 +106,8 @@ class LocalSlot:
             with contextlib.suppress(OSError):
                 self.runner.run_record(self.request.deploy_id, self.request.attempt).unlink()
         finally:
-            self.free_place()
+            os.close(self.lock_fd)
+            _notify(self.runner.slots_dir_key)
 
 
 @dataclass

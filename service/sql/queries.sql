@@ -156,7 +156,7 @@ ORDER BY position
 LIMIT %(limit)s;
 
 -- defer_job --
--- Queue a procrastinate job (built by procrastinate: service.deploys._defer_run) through
+-- Queue a procrastinate job (built by procrastinate: service.queue.Queue.run_job) through
 -- procrastinate's own SQL function, the one its defer runs, so that the job can travel in one
 -- query with the append (store.append_and_commit) and commit with it.
 SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[ROW(
