@@ -78,12 +78,17 @@ async def read_body(request: Request[Any, Any, Any], max_bytes: int) -> bytes:
 
 def check_json_content_type(request: Request[Any, Any, Any]) -> None:
     """415 unless the body is announced as JSON in UTF-8: ``application/json`` (or another
-    ``application/*+json``), no charset or a UTF-8 one. A missing Content-Type is taken as JSON."""
+    ``application/*+json``), no charset or a UTF-8 one. A missing Content-Type is taken as JSON,
+    and so is ``application/x-www-form-urlencoded``: it is what ``curl -d`` sends unless told
+    otherwise, and the CONTRACT names no Content-Type -- such clients keep working (the body
+    must still parse as JSON)."""
     header = request.headers.get("content-type")
     if header is None or not header.strip():
         return
     media_type, _, params = header.partition(";")
     media_type = media_type.strip().lower()
+    if media_type == "application/x-www-form-urlencoded":
+        return
     if media_type == "application/json" or (
         media_type.startswith("application/") and media_type.endswith("+json")
     ):
