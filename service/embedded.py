@@ -74,8 +74,12 @@ def _open_path_for(user: str, path: Path) -> None:
 class EmbeddedPostgres:
     """Start, reuse and stop a cluster in ``directory``; ``url`` connects to its database."""
 
-    def __init__(self, directory: str | Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: str | Path, port: int | None = None, settings: dict[str, str] | None = None
+    ) -> None:
         self.directory = Path(directory).resolve()
+        # Extra server settings (``-c name=value``), e.g. the tests' throwaway cluster's.
+        self.settings = dict(settings or {})
         self.pgdata = self.directory / "pgdata"
         self.port = port
         self.bindir = find_bindir()
@@ -141,7 +145,7 @@ class EmbeddedPostgres:
             opts = (
                 f"-p {self.port} -h 127.0.0.1 -k /tmp -c max_connections=300 "
                 "-c shared_buffers=128MB -c fsync=on"
-            )
+            ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
             try:
                 self._check(
                     self._cmd("pg_ctl", "start", "-w", "-t", "120", "-D", str(self.pgdata), "-l", str(log), "-o", opts)

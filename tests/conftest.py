@@ -1,10 +1,12 @@
 """Shared fixtures: a real PostgreSQL cluster for the whole session, a fresh migrated database
-per test (copied from a template, so it costs milliseconds)."""
+per test (copied from a template, so it costs milliseconds), dropped again after the test."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,17 +22,62 @@ TEMPLATE = "tfdeploy_template"
 _counter = itertools.count()
 
 
+# The session's cluster holds nothing worth keeping: no fsync, and a small WAL, so a run costs
+# little disk (a CI run once died of a full disk with ~900 databases and 1 GB of WAL left behind).
+TEST_PG_SETTINGS = {"fsync": "off", "full_page_writes": "off", "max_wal_size": "96MB", "min_wal_size": "32MB"}
+
+
+def _scratch_parent() -> str | None:
+    """Where the session's cluster lives: ``TFDEPLOY_TEST_PG_PARENT``, else /dev/shm when it is a
+    roomy tmpfs (faster, and no disk at all), else the usual temp dir."""
+    explicit = os.environ.get("TFDEPLOY_TEST_PG_PARENT")
+    if explicit:
+        return explicit
+    shm = "/dev/shm"
+    with contextlib.suppress(OSError):
+        st = os.statvfs(shm)
+        if os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize >= 4 * 2**30:
+            return shm
+    return None
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[EmbeddedPostgres]:
-    directory = tempfile.mkdtemp(prefix="tfdeploy-test-pg-")
-    pg = EmbeddedPostgres(directory)
-    pg.start()
+    directory = tempfile.mkdtemp(prefix="tfdeploy-test-pg-", dir=_scratch_parent())
+    pg = EmbeddedPostgres(directory, settings=TEST_PG_SETTINGS)
+    try:
+        pg.start()
+        base = pg.url.rsplit("/", 1)[0]
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {TEMPLATE}")
+        migrate(f"{base}/{TEMPLATE}")
+        yield pg
+    finally:
+        with contextlib.suppress(Exception):
+            pg.stop("immediate")
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _database_names(pg: EmbeddedPostgres) -> set[str]:
     base = pg.url.rsplit("/", 1)[0]
     with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {TEMPLATE}")
-    migrate(f"{base}/{TEMPLATE}")
-    yield pg
-    pg.stop("immediate")
+        return {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+
+
+@pytest.fixture(autouse=True)
+def _drop_databases_made_by_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every database a test made on the session's cluster (``database_url``, bench scripts,
+    empty ones) is dropped after it. Autouse, so it is torn down after the test's pools close."""
+    if "pg_cluster" not in request.fixturenames:
+        yield
+        return
+    pg: EmbeddedPostgres = request.getfixturevalue("pg_cluster")
+    before = _database_names(pg)
+    yield
+    base = pg.url.rsplit("/", 1)[0]
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        for name in _database_names(pg) - before:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def new_database(pg: EmbeddedPostgres) -> str:
