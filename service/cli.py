@@ -111,9 +111,14 @@ async def _run(
         loop = asyncio.get_running_loop()
         stop_requested = asyncio.Event()
 
+        signals = 0
+
         def request_stop() -> None:
-            if stop_requested.is_set():
-                # A second Ctrl-C: stop waiting for running deploys.
+            # 1st signal: graceful stop. 2nd: a worker interrupts its running deploys (state
+            # kept, handed over; Worker.stop); an API alone stops waiting. 3rd: stop waiting.
+            nonlocal signals
+            signals += 1
+            if signals >= (3 if wk is not None else 2):
                 for t in tasks:
                     t.cancel()
             stop_requested.set()

@@ -140,6 +140,16 @@ class Deployer:
         #: set when the worker is told to stop: a job that gets its slot after that gives the
         #: job back instead of starting terraform (prefetched jobs wait for slots; see worker.py)
         self.stopping = asyncio.Event()
+        #: set when the stopping worker's grace is over: running attempts are interrupted (state
+        #: kept) and handed over to another worker, without spending the deploy's budget
+        self.handing_over = asyncio.Event()
+
+    def hand_over(self, why: str) -> None:
+        """Interrupt every running attempt now (SIGINT: terraform writes its state), persist
+        what it left and queue the next attempt for another worker (``worker_stopped``)."""
+        if not self.handing_over.is_set():
+            log.warning("interrupting %d running deploy(s): %s", len(self.active), why)
+            self.handing_over.set()
 
     # ------------------------------------------------------------ entry point
 
@@ -222,7 +232,23 @@ class Deployer:
         masker = Masker(request.secrets)
         writer = LogWriter(self.pool, deploy_id, request.attempt, masker)
         cancel = asyncio.Event()
-        watcher = asyncio.create_task(self._watch_cancel(deploy_id, cancel))
+        handed_over = False
+
+        async def watch_hand_over() -> None:
+            nonlocal handed_over
+            await self.handing_over.wait()
+            handed_over = True
+            await writer.line(
+                "system",
+                "worker stopping: interrupting terraform; its state is kept and another worker "
+                "goes on with the next attempt",
+            )
+            cancel.set()
+
+        watchers = [
+            asyncio.create_task(self._watch_cancel(deploy_id, cancel)),
+            asyncio.create_task(watch_hand_over()),
+        ]
         concluded = False
         try:
             try:
@@ -232,13 +258,15 @@ class Deployer:
                 result = RunResult(exit_code=-1, state=None, error=str(exc))
                 reason = "runner_error"
             else:
-                reason = _failure_reason(result)
+                reason = "worker_stopped" if handed_over and result.interrupted else _failure_reason(result)
             await self.conclude(deploy_id, request, result, reason, writer)
             concluded = True
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for watcher in watchers:
+                watcher.cancel()
+            for watcher in watchers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             await writer.close()
             # The slot (the exited container, the temp dir) holds the state terraform left: it
             # goes only once that state is persisted and the outcome recorded. If concluding
@@ -278,12 +306,15 @@ class Deployer:
         writer: LogWriter,
     ) -> None:
         """State first, then the outcome: persist what terraform left, then AttemptSucceeded /
-        AttemptFailed / AttemptInterrupted; destroy if the state cannot be kept."""
+        AttemptFailed / AttemptInterrupted; destroy if the state cannot be kept. ``reason``
+        ``worker_stopped``: this worker interrupted the run to stop (not a user's cancel)."""
         masker = writer.masker
         # PostgreSQL holds the index (and by default the state): if it is away, wait for it
         # rather than treat a short outage as a refusing store.
         await self._wait_for_db()
-        ok = result.exit_code == 0 and not result.interrupted and not result.timed_out
+        handed_over = reason == "worker_stopped"
+        # A run that ended well just as the stopping worker interrupted it is simply done.
+        ok = result.exit_code == 0 and not result.timed_out and (handed_over or not result.interrupted)
         persisted: PersistedState | None = None
         changed = result.state is not None and (
             ok or request.state is None or _sha(result.state) != _sha(request.state)
@@ -297,7 +328,9 @@ class Deployer:
                 await self._destroy_unkept(deploy_id, request, result.state, str(exc), writer)
                 return
         error = masker.mask(result.error or f"terraform exited with {result.exit_code}")
-        if result.interrupted:
+        if handed_over and not ok:
+            error = f"the worker stopped; attempt interrupted with its state kept\n{error}"
+        if result.interrupted and not handed_over:
             command: Any = AttemptInterrupted(state=persisted)
         elif ok:
             assert persisted is not None
@@ -308,8 +341,10 @@ class Deployer:
                 message=error[-2000:],
                 exit_code=result.exit_code,
                 state=persisted,
-                # A lost worker is no reason to back off: the next attempt may start at once.
-                retry_delay=0.0 if reason == "worker_lost" else self.settings.retry_delay,
+                # A lost or stopped worker is no reason to back off: the next attempt may start
+                # at once; a stopped one's attempt is not the deploy's fault and is not counted.
+                retry_delay=0.0 if reason in ("worker_lost", "worker_stopped") else self.settings.retry_delay,
+                counted=not handed_over,
             )
         await writer.flush()
         try:

@@ -54,6 +54,10 @@ class Failed(_Event, frozen=True, kw_only=True, tag="Failed"):
     # Whether another attempt follows. Recorded so that every prefix of a stream folds to the
     # status a client should see (no flicker to "failed" between Failed and Retried).
     final: bool = True
+    # Whether the attempt spent the budget. False when the service, not the deploy, stopped it
+    # (a worker shutting down handed it over, reason worker_stopped): the Retried after it
+    # grows max_attempts by one, so an operator's restart never fails a user's deploy.
+    counted: bool = True
 
 
 class Retried(_Event, frozen=True, kw_only=True, tag="Retried"):

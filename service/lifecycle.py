@@ -117,6 +117,9 @@ class AttemptFailed(_Command, frozen=True, kw_only=True):
     exit_code: int | None = None
     state: PersistedState | None = None  # what the failed attempt left, already persisted
     retry_delay: float = 0.0  # the base delay; it grows per attempt
+    # False: the service stopped the attempt for its own sake (a worker shutting down), so it
+    # does not spend the deploy's budget: never final, and the next attempt is granted on top.
+    counted: bool = True
 
 
 class StateNotPersisted(_Command, frozen=True, kw_only=True):
@@ -276,7 +279,7 @@ def decide(command: Command, state: DeployState) -> list[Event]:
             events = _persisted(command.state, state.attempt)
             if state.cancel_requested:
                 return [*events, Cancelled(by=state.cancel_by, attempt=state.attempt)]
-            final = state.attempt >= state.max_attempts
+            final = command.counted and state.attempt >= state.max_attempts
             events.append(
                 Failed(
                     attempt=state.attempt,
@@ -284,6 +287,7 @@ def decide(command: Command, state: DeployState) -> list[Event]:
                     message=command.message,
                     exit_code=command.exit_code,
                     final=final,
+                    counted=command.counted,
                 )
             )
             if not final:
@@ -292,7 +296,7 @@ def decide(command: Command, state: DeployState) -> list[Event]:
                         attempt=state.attempt + 1,
                         by="worker",
                         delay_seconds=retry_delay(command.retry_delay, state.attempt),
-                        max_attempts=state.max_attempts,
+                        max_attempts=state.max_attempts + (0 if command.counted else 1),
                     )
                 )
             return events

@@ -30,6 +30,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int = 3
     retry_delay: float = 10.0
     deploy_timeout: float = 3600.0
+    # After SIGTERM, how long a worker lets running deploys finish before it interrupts them
+    # (state kept) and hands them over. None: the deploy timeout, i.e. they finish.
+    shutdown_grace: float | None = None
     state_store: Literal["postgres", "s3"] = "postgres"
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
@@ -47,6 +50,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("MAX_ATTEMPTS", self.max_attempts >= 1, "must be at least 1"),
             ("RETRY_DELAY", self.retry_delay >= 0, "must not be negative"),
             ("DEPLOY_TIMEOUT", self.deploy_timeout > 0, "must be positive"),
+            (
+                "SHUTDOWN_GRACE",
+                self.shutdown_grace is None or self.shutdown_grace >= 0,
+                "must not be negative",
+            ),
             ("RUNNER_CPUS", self.runner_cpus > 0, "must be positive"),
             ("RUNNER_PIDS", self.runner_pids >= 16, "must be at least 16"),
             ("MAX_REQUEST_BYTES", self.max_request_bytes >= 1024, "must be at least 1024"),
@@ -66,6 +74,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name, ok, why in checks:
             if not ok:
                 raise SettingsError(f"{PREFIX}{name} {why}")
+
+    @property
+    def shutdown_grace_in_effect(self) -> float:
+        """The shutdown grace in effect (``TFDEPLOY_SHUTDOWN_GRACE``, else the deploy timeout)."""
+        return self.deploy_timeout if self.shutdown_grace is None else self.shutdown_grace
 
     @property
     def data_path(self) -> Path:

@@ -64,11 +64,13 @@ class Worker:
         services.queue.set_handler(self.deployer.handle)
         self.recovery = Recovery(services.pool, services.queue, self.deployer)
         self._stopping = asyncio.Event()
+        self._grace_timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         """Run until ``stop()``; restart procrastinate's worker whenever it dies.
 
-        On ``stop()`` no new job is taken; running ones finish (up to the deploy timeout)."""
+        On ``stop()`` no new job is taken; running ones finish, or are handed over when the
+        shutdown grace is over (``stop()``'s docstring)."""
         side = [
             asyncio.create_task(self.recovery.run(self._stopping), name="recovery"),
             asyncio.create_task(self.recovery.keep_alive(), name="keep-alive"),
@@ -94,7 +96,10 @@ class Worker:
                     listen_notify=True,
                     fetch_job_polling_interval=FETCH_POLL_SECONDS,
                     delete_jobs="successful",
-                    shutdown_graceful_timeout=self.settings.deploy_timeout,
+                    # No shutdown_graceful_timeout (procrastinate's default: wait): past it,
+                    # procrastinate would cancel the job and mark it aborted, leaving the deploy
+                    # "deploying" with no job. Our grace (stop()) interrupts terraform and
+                    # records the outcome instead.
                     # Frequent heartbeats: a dead worker's jobs are recovered STALLED_AFTER
                     # seconds after its last one (service/recovery.py, docs/reliability.md).
                     update_heartbeat_interval=HEARTBEAT_INTERVAL,
@@ -116,9 +121,23 @@ class Worker:
             pause = min(pause * 2, RESTART_PAUSE_MAX)
 
     def stop(self) -> None:
+        """Stop taking jobs; let running deploys finish for the shutdown grace
+        (``TFDEPLOY_SHUTDOWN_GRACE``, by default the deploy timeout). Past it -- or at once, on
+        a second call (a second SIGTERM / Ctrl-C) -- they are interrupted with their state kept
+        and handed over: ``Failed(worker_stopped)``, not counted against the budget, and the
+        next attempt queued for another worker."""
+        if self._stopping.is_set():
+            self.deployer.hand_over("asked to stop again")
+            return
         self.deployer.stopping.set()
         self._stopping.set()
+        grace = self.settings.shutdown_grace_in_effect
+        self._grace_timer = asyncio.get_running_loop().call_later(
+            grace, self.deployer.hand_over, f"shutdown grace of {grace:g}s is over"
+        )
 
     async def close(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
         await self.runner.close()
 

@@ -423,6 +423,53 @@ def test_failure_while_cancel_requested_is_a_cancel() -> None:
     assert status_of(fold([*DEPLOYING_CANCEL, *events])) == "cancelled"
 
 
+STOPPED = AttemptFailed(reason="worker_stopped", message="handed over", counted=False)
+
+
+def test_a_stopping_workers_attempt_on_the_last_try_is_not_final_and_grants_one_more() -> None:
+    """A worker shutting down interrupts the attempt (state kept) and hands it over: the
+    attempt does not spend the budget, so even attempt 3 of 3 goes on, as attempt 4 of 4."""
+    events = then(LAST_ATTEMPT, msgspec.structs.replace(STOPPED, state=persisted(7)))
+    assert events == [
+        state_persisted(3, 7),
+        Failed(attempt=3, reason="worker_stopped", message="handed over", final=False, counted=False),
+        retried(4, max_attempts=4, delay=0.0),
+    ]
+    state = fold([*LAST_ATTEMPT, *events])
+    assert status_of(state) == "retrying" and shown_attempt(state) == 4
+    assert state.max_attempts - state.attempt == 1  # still one attempt left, as before
+
+
+def test_a_stopping_workers_attempt_while_cancel_requested_is_a_cancel() -> None:
+    events = then(DEPLOYING_CANCEL, STOPPED)
+    assert events == [Cancelled(by="user:alice", attempt=1)]
+
+
+@given(
+    max_attempts=st.integers(1, 6),
+    outcomes=st.lists(st.booleans(), min_size=1, max_size=30),
+)
+@settings(max_examples=100, deadline=None)
+def test_uncounted_attempts_never_spend_the_budget(max_attempts: int, outcomes: list[bool]) -> None:
+    """Any mix of counted failures and hand-overs: the deploy fails exactly when the counted
+    failures reach max_attempts, whatever the hand-overs in between."""
+    stream: list[Event] = decide(msgspec.structs.replace(REQUEST, max_attempts=max_attempts), INITIAL)
+    counted = 0
+    for counts_it in outcomes:
+        state = fold(stream)
+        if status_of(state) == "failed":
+            break
+        stream += decide(StartAttempt(), state)
+        stream += decide(AttemptFailed(reason="x", counted=counts_it, retry_delay=1), fold(stream))
+        counted += counts_it
+        assert (status_of(fold(stream)) == "failed") == (counted >= max_attempts)
+    assert_legal_stream(stream)
+    state = fold(stream)
+    assert state.max_attempts == max_attempts + sum(
+        1 for e in stream if isinstance(e, Failed) and not e.counted
+    )
+
+
 @pytest.mark.parametrize(
     "phase", ["queued", "retry-wait", "succeeded", "failed", "cancelled-queued"]
 )
@@ -876,6 +923,7 @@ class Model:
     budget: int = 0
     cancel_requested: bool = False
     retry_pending: bool = False
+    grant: int = 0  # attempts the pending Retried adds (1 after an uncounted failure)
 
 
 def assert_legal_stream(stream: list[Event]) -> Model:
@@ -899,9 +947,10 @@ def assert_legal_stream(stream: list[Event]) -> Model:
             continue
         if m.retry_pending:
             assert isinstance(e, Retried) and e.by == "worker", f"{e!r} instead of Retried"
-            assert e.attempt == m.attempt + 1 and e.max_attempts == m.budget
+            assert e.attempt == m.attempt + 1 and e.max_attempts == m.budget + m.grant
             assert e.delay_seconds >= 0
             m.retry_pending, m.phase, m.cancel_requested = False, "queued", False
+            m.budget, m.grant = e.max_attempts, 0
             prev = e
             continue
         match e:
@@ -922,7 +971,9 @@ def assert_legal_stream(stream: list[Event]) -> Model:
                     assert e.final
                 else:
                     assert not m.cancel_requested, "a failure after a cancel request is a cancel"
-                    assert e.final == (m.attempt >= m.budget)
+                    # an uncounted attempt (a stopping worker's) never ends the deploy
+                    assert e.final == (e.counted and m.attempt >= m.budget)
+                    m.grant = 0 if e.counted else 1
                 if e.final:
                     m.phase = "failed"
                 else:
@@ -1006,6 +1057,12 @@ commands: st.SearchStrategy[Command] = st.one_of(
         exit_code=st.none() | st.integers(0, 255),
         state=st.none() | persisted_states,
         retry_delay=st.floats(0, 120, allow_nan=False, allow_infinity=False),
+    ),
+    st.builds(
+        AttemptFailed,
+        reason=st.just("worker_stopped"),
+        state=st.none() | persisted_states,
+        counted=st.just(False),
     ),
     st.builds(
         StateNotPersisted,

@@ -339,6 +339,71 @@ async def test_sigterm_lets_the_running_deploy_finish_and_exits_0(database_url, 
         assert (await env.get(later["id"]))["status"] == "queued"
 
 
+@pytest.mark.parametrize(
+    ("runner", "trigger"),
+    [pytest.param("docker", "grace", marks=pytest.mark.docker), ("local", "second-signal")],
+)
+async def test_sigterm_past_the_grace_hands_the_running_deploy_over_with_its_state(
+    database_url, tmp_path, runner_image, runner: str, trigger: str
+):
+    """Scenario 5, past the grace: SIGTERM while terraform runs B (A made); when the grace is
+    over (TFDEPLOY_SHUTDOWN_GRACE=1) -- or at a second SIGTERM, with the default grace of an
+    hour -- the worker interrupts terraform, persists the state it wrote, records
+    Failed(worker_stopped) that does not spend the budget (attempt 1 of 1 goes on as attempt 2
+    of 2), queues the next attempt and exits 0. Another worker then goes on from that state:
+    A made once."""
+    import shutil
+
+    if runner == "local" and not shutil.which("terraform"):
+        pytest.skip("no terraform on PATH")
+    async with environment(database_url, tmp_path, runner_image, runner=runner) as env:
+        grace = {"TFDEPLOY_SHUTDOWN_GRACE": "1"} if trigger == "grace" else {}
+        proc = env.spawn_worker("stopping", extra_env=grace)
+        d = await env.submit(
+            {"main.tf": A_THEN_SLOW_B % {"sleep": 8}}, workspace="handed", max_attempts=1
+        )
+        env.deploy_ids = [d["id"]]
+        await env.wait_log(d["id"], "B-STARTS")
+        os.kill(proc.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        if trigger == "second-signal":
+            await asyncio.sleep(1)
+            # Still running: the first signal alone waits (an hour, by default).
+            assert [e["type"] for e in await env.events(d["id"])] == ["Requested", "Started"]
+            os.kill(proc.pid, signal.SIGTERM)
+        rc = await asyncio.to_thread(proc.wait, 120)
+        exited_after = time.monotonic() - signalled
+        assert rc == 0, env.worker_log("stopping")[-3000:]
+        events = await env.events(d["id"])
+        assert [e["type"] for e in events] == [
+            "Requested", "Started", "StatePersisted", "Failed", "Retried"
+        ], events
+        failed = events[3]["data"]
+        assert (failed["reason"], failed["final"], failed["counted"]) == ("worker_stopped", False, False)
+        assert events[4]["data"]["attempt"] == 2 and events[4]["data"]["max_attempts"] == 2
+        view = await env.get(d["id"])
+        assert (view["status"], view["attempt"], view["max_attempts"]) == ("retrying", 2, 2)
+        state = (await env.client.get("/workspaces/handed/state")).json()
+        # A made; B interrupted in its provisioner, so terraform keeps it as tainted (the next
+        # attempt replaces it).
+        status = {r["name"]: r["instances"][0].get("status") for r in state["resources"]}
+        assert status == {"a": None, "b": "tainted"}, status
+        assert "worker stopping: interrupting terraform" in await env.logs(d["id"])
+
+        env.spawn_worker("next")
+        done = await env.wait(d["id"])
+        assert done["status"] == "succeeded", done
+        types = [e["type"] for e in await env.events(d["id"])]
+        assert types[5:] == ["Started", "StatePersisted", "Succeeded"], types
+        log = await env.logs(d["id"])
+        assert _made_a(log) == 1, log
+        state = (await env.client.get("/workspaces/handed/state")).json()
+        status = {r["name"]: r["instances"][0].get("status") for r in state["resources"]}
+        assert status == {"a": None, "b": None}, status
+        print(f"\nscenario 5 ({runner}, {trigger}): SIGTERM -> worker exited {exited_after:.1f}s, "
+              "deploy handed over and finished by another worker")
+
+
 async def test_sigterm_gives_back_a_prefetched_job_that_waits_for_a_slot(
     database_url, tmp_path, runner_image
 ):
