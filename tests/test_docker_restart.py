@@ -275,3 +275,59 @@ async def test_engine_down_for_good_the_deploy_fails_with_a_reason(
             e["data"]["reason"] for e in await env.events(later["id"]) if e["type"] == "Failed"
         }
         assert later_reasons == {"runner_error"}, later_reasons
+
+
+async def test_engine_away_past_engine_wait_the_next_attempt_adopts_the_state_left(
+    database_url, tmp_path, runner_image, engine
+):
+    """The engine stops (SIGTERM: terraform stops gracefully and writes its state into the
+    container's volume) and stays away past ``engine_wait``: the attempt is given up as
+    runner_lost with no state, and its container cannot be removed. When the engine is back,
+    the next attempt finds that container, starts from the state it left (newer than anything
+    persisted) and removes it: A is not made a second time."""
+    import docker
+
+    from service.runners.docker import DockerRunner
+    from service.worker import Worker
+
+    async with environment(database_url, tmp_path, runner_image) as env:
+        assert env.services is not None
+        client = docker.DockerClient(base_url=engine.host, timeout=30)
+        runner = DockerRunner(env.services.settings, client=client)
+        runner.engine_wait = 8.0
+        worker = Worker(env.services, name="adopting-worker", runner=runner)
+        task = asyncio.create_task(worker.run())
+        try:
+            d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 25}}, workspace="adopt")
+            env.deploy_ids = [d["id"]]
+            await env.wait_log(d["id"], "B-STARTS", limit=180)
+            await asyncio.sleep(2)  # terraform records A in its state file
+            await asyncio.to_thread(engine.stop, signal.SIGTERM)
+            deadline = time.monotonic() + 120
+            while "Failed" not in [e["type"] for e in await env.events(d["id"])]:
+                assert time.monotonic() < deadline, "the run never gave up on the engine"
+                await asyncio.sleep(0.2)
+            # The next attempt now waits for the engine (engine_wait) in acquire_slot.
+            await asyncio.to_thread(engine.start)
+            done = await env.wait(d["id"], limit=300)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 120)
+            await worker.close()
+            client.close()
+            if not engine.answers():
+                await asyncio.to_thread(engine.start)
+        events = await env.events(d["id"])
+        types = [e["type"] for e in events]
+        log = await env.logs(d["id"])
+        assert done["status"] == "succeeded", (done, types, log[-3000:])
+        assert types == [
+            "Requested", "Started", "Failed", "Retried", "Started", "StatePersisted", "Succeeded"
+        ], types
+        assert events[2]["data"]["reason"] == "runner_lost"
+        assert "adopted the state left by attempt 1's container" in log
+        assert _made_a(log) == 1, log  # A made by attempt 1 only
+        left = engine.docker("ps", "-aq", "--filter", f"label=tfdeploy.deploy={d['id']}").split()
+        assert left == [], left
+        state = (await env.client.get("/workspaces/adopt/state")).json()
+        assert {r["name"] for r in state["resources"]} == {"a", "b"}

@@ -43,6 +43,20 @@ resource "terraform_data" "b" {
 }
 """
 
+# The same, but B runs until a wall-clock deadline (seconds since the epoch): long enough for a
+# dead worker's recovery to find it running, while the retry that replaces it only waits out
+# the rest instead of the whole sleep again.
+A_THEN_B_UNTIL = """
+resource "terraform_data" "a" {
+  provisioner "local-exec" { command = "echo MADE-A" }
+}
+resource "terraform_data" "b" {
+  depends_on = [terraform_data.a]
+  provisioner "local-exec" {
+    command = "echo B-STARTS; while test $(date +%%s) -lt %(until)d; do sleep 1; done; echo B-DONE"
+  }
+}
+"""
 
 
 def _made_a(log: str) -> int:
@@ -217,7 +231,8 @@ async def test_worker_killed_mid_apply_the_next_attempt_goes_on_from_the_kept_st
     state kept, Failed(worker_lost) + Retried, attempt 2 starts from that state: A once."""
     async with environment(database_url, tmp_path, runner_image) as env:
         first = env.spawn_worker("first")
-        d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 60}}, workspace="killed")
+        until = int(time.time()) + 45
+        d = await env.submit({"main.tf": A_THEN_B_UNTIL % {"until": until}}, workspace="killed")
         env.deploy_ids = [d["id"]]
         stop_sampling = asyncio.Event()
         sampler = asyncio.create_task(_sample_running(d["id"], stop_sampling))
@@ -462,7 +477,8 @@ async def test_local_runner_worker_killed_mid_apply_its_terraform_is_taken_over(
         pytest.skip("no terraform on PATH")
     async with environment(database_url, tmp_path, runner_image, runner="local") as env:
         first = env.spawn_worker("first")
-        d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 60}}, workspace="local-killed")
+        until = int(time.time()) + 45
+        d = await env.submit({"main.tf": A_THEN_B_UNTIL % {"until": until}}, workspace="local-killed")
         await env.wait_log(d["id"], "B-STARTS")
         os.kill(first.pid, signal.SIGKILL)
         killed_at = time.monotonic()

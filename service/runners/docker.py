@@ -41,6 +41,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import msgspec
 import requests
 from docker.types import Mount
 
@@ -59,6 +60,7 @@ from service.runners._common import (
 )
 from service.runners.base import LineSink, RunnerError, RunRequest, RunResult
 from service.settings import Settings
+from service.statestores.index import state_meta
 
 log = logging.getLogger("tfdeploy.runner.docker")
 
@@ -163,6 +165,7 @@ class DockerSlot:
     runner: DockerRunner
     request: RunRequest
     container_id: str
+    notes: list[str] = field(default_factory=list)  # said in the run's log when it starts
     _released: bool = field(default=False, repr=False)
 
     async def release(self) -> None:
@@ -259,11 +262,15 @@ class DockerRunner:
         cap = self.settings.max_concurrency
         down_since: float | None = None
         pause = 0.5
+        adopted: list[str] | None = None
+        notes: list[str] = []
         while True:
             # Subscribe to events BEFORE counting, so nothing that frees a place between the
             # count and the wait is missed.
             try:
                 await self._ensure_image()
+                if adopted is None:
+                    request, adopted, notes = await self._call(self._adopt_leftovers_sync, request)
                 events = await self._call(
                     lambda: self._api.events(
                         decode=True,
@@ -294,7 +301,10 @@ class DockerRunner:
                     if await self.running() < cap:
                         container_id = await self._create(request)
                         self._held.add(container_id)
-                        return DockerSlot(self, request, container_id)
+                        # Their state now lives in the new container's volume too.
+                        for leftover in adopted:
+                            await self._remove(leftover)
+                        return DockerSlot(self, request, container_id, notes)
                 await self._wait_event(events, self.wait_timeout)
             finally:
                 with contextlib.suppress(Exception):
@@ -465,6 +475,8 @@ class DockerRunner:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         try:
+            for note in slot.notes:
+                await say("system", note)
             if cancel.is_set():
                 await emit(on_line, "system", "cancelled before terraform started")
                 return cancelled_before_start(request, started)
@@ -505,7 +517,14 @@ class DockerRunner:
             state = None
             if fate == "ended":
                 # The volume outlives an engine restart: ride out one that is going away now.
-                state = await self._riding_out(say, self._read_state_sync, cid)
+                try:
+                    state = await self._riding_out(say, self._read_state_sync, cid)
+                except RunnerError as exc:
+                    if not engine_unreachable(exc):
+                        raise
+                    # Away past engine_wait: the state stays in the container's volume, and
+                    # the next attempt adopts it (_adopt_leftovers_sync).
+                    fate, engine_lost = "down", True
             ours = stop.interrupted or stop.timed_out  # we sent SIGINT / SIGKILL ourselves
             outside = exit_code in (EXIT_STOPPED_OUTSIDE, EXIT_KILLED) and not ours
             if exit_code == EXIT_KILLED:
@@ -521,7 +540,11 @@ class DockerRunner:
                     f"the container was stopped from outside (engine restart, docker stop); "
                     f"exit {exit_code}",
                 )
-                state_note = "its state was collected" if state is not None else "no state left"
+                state_note = (
+                    "its state was collected" if state is not None
+                    else "its state stays in the container, for the next attempt" if fate == "down"
+                    else "no state left"
+                )
                 await say("system", f"runner lost: {why}; {state_note}")
                 error = f"runner lost: {why}\n{error}".strip()
             return RunResult(
@@ -670,40 +693,76 @@ class DockerRunner:
         Still running: SIGINT (terraform stops gracefully and writes its state), then SIGKILL
         after the grace period. Then the exit code and the state it left are read. Returns None
         when it never started (nothing ran). The container is not removed here."""
-
-        def collect() -> RunResult | None:
-            api = self._api
-            st = api.inspect_container(container_id)["State"]
-            if st.get("Status") == "created":
-                return None
-            was_running = bool(st.get("Running"))
-            if was_running:
-                with contextlib.suppress(docker.errors.APIError):
-                    api.kill(container_id, signal="SIGINT")
-                try:
-                    api.wait(container_id, timeout=self.grace)
-                except requests.RequestException:
-                    with contextlib.suppress(docker.errors.APIError):
-                        api.kill(container_id, signal="SIGKILL")
-                    api.wait(container_id, timeout=60)
-            exit_code = int(api.inspect_container(container_id)["State"].get("ExitCode", -1))
-            state = self._read_state_sync(container_id)
-            tail = OutputTail()
-            with contextlib.suppress(Exception):
-                out = api.logs(container_id, stdout=True, stderr=True, tail=40)
-                for line in out.decode(errors="replace").splitlines():
-                    tail.add("stderr", line)
-            prefix = "worker lost while terraform ran; interrupted" if was_running else (
-                "worker lost after terraform ended"
-            )
-            return RunResult(
-                exit_code=exit_code,
-                state=state,
-                error=f"{prefix} (exit {exit_code})\n{tail.error()}" if exit_code != 0 else "",
-            )
-
-        result: RunResult | None = await self._call(collect)
+        result: RunResult | None = await self._call(self._collect_sync, container_id)
         return result
+
+    def _adopt_leftovers_sync(self, request: RunRequest) -> tuple[RunRequest, list[str], list[str]]:
+        """Containers of this deploy's earlier attempts still on the engine: an attempt given up
+        as ``runner_lost`` while the engine was away leaves its container, and in its volume the
+        state terraform wrote, which was never persisted. Starting from the older persisted
+        state would make what that attempt made a second time, so the newest such state (same
+        lineage, higher serial) becomes this attempt's start state; it is persisted with this
+        attempt's outcome. Returns (the request to run, the leftovers to remove once the new
+        container holds the state, notes for the log)."""
+        rows = self._api.containers(
+            all=True,
+            filters={"label": [self.label_filter, f"tfdeploy.deploy={request.deploy_id}"]},
+        )
+        leftovers: list[tuple[int, str]] = []
+        for row in rows:
+            attempt = (row.get("Labels") or {}).get("tfdeploy.attempt", "")
+            if attempt.isdigit() and int(attempt) < request.attempt and row["Id"] not in self._held:
+                leftovers.append((int(attempt), row["Id"]))
+        if not leftovers:
+            return request, [], []
+        best, best_attempt = request.state, 0
+        for attempt, cid in sorted(leftovers):
+            try:
+                result = self._collect_sync(cid)  # a running one is stopped gracefully first
+            except docker.errors.NotFound:  # removed meanwhile (its release went through)
+                continue
+            if result is not None and result.state is not None and _newer_state(result.state, best):
+                best, best_attempt = result.state, attempt
+        notes = []
+        if best_attempt:
+            request = msgspec.structs.replace(request, state=best)
+            notes.append(
+                f"adopted the state left by attempt {best_attempt}'s container (newer than the "
+                "last persisted state): this attempt starts from it"
+            )
+        return request, [cid for _, cid in leftovers], notes
+
+    def _collect_sync(self, container_id: str) -> RunResult | None:
+        """``collect_orphan`` in the calling thread."""
+        api = self._api
+        st = api.inspect_container(container_id)["State"]
+        if st.get("Status") == "created":
+            return None
+        was_running = bool(st.get("Running"))
+        if was_running:
+            with contextlib.suppress(docker.errors.APIError):
+                api.kill(container_id, signal="SIGINT")
+            try:
+                api.wait(container_id, timeout=self.grace)
+            except requests.RequestException:
+                with contextlib.suppress(docker.errors.APIError):
+                    api.kill(container_id, signal="SIGKILL")
+                api.wait(container_id, timeout=60)
+        exit_code = int(api.inspect_container(container_id)["State"].get("ExitCode", -1))
+        state = self._read_state_sync(container_id)
+        tail = OutputTail()
+        with contextlib.suppress(Exception):
+            out = api.logs(container_id, stdout=True, stderr=True, tail=40)
+            for line in out.decode(errors="replace").splitlines():
+                tail.add("stderr", line)
+        prefix = "worker lost while terraform ran; interrupted" if was_running else (
+            "worker lost after terraform ended"
+        )
+        return RunResult(
+            exit_code=exit_code,
+            state=state,
+            error=f"{prefix} (exit {exit_code})\n{tail.error()}" if exit_code != 0 else "",
+        )
 
     async def remove_container(self, container_id: str) -> None:
         """Remove a (leftover) container and its workspace volume, whatever its state."""
@@ -715,6 +774,22 @@ class DockerRunner:
             client, self._client = self._client, None
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(client.close)
+
+
+def _newer_state(candidate: bytes, than: bytes | None) -> bool:
+    """Whether tfstate ``candidate`` goes further than ``than``: same lineage, higher serial
+    (anything readable beats no state at all)."""
+    try:
+        serial, lineage, _, _ = state_meta(candidate)
+    except ValueError:
+        return False
+    if than is None:
+        return True
+    try:
+        old_serial, old_lineage, _, _ = state_meta(than)
+    except ValueError:
+        return True
+    return lineage == old_lineage and serial > old_serial
 
 
 def engine_unreachable(exc: BaseException) -> bool:
