@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import uvicorn  # noqa: E402
 
 from service.api.app import create_app  # noqa: E402
+from service.cli import _run_api  # noqa: E402  (the event loop `tfdeploy serve` runs on)
 from service.services import open_services  # noqa: E402
 from service.settings import from_env  # noqa: E402
 
@@ -61,9 +62,9 @@ if __name__ == "__main__":
         prof = cProfile.Profile()
         prof.enable()
         try:
-            asyncio.run(main(url, data_dir, port))
+            _run_api(main(url, data_dir, port))
         finally:
             prof.disable()
             prof.dump_stats(sys.argv[4])
     else:
-        asyncio.run(main(url, data_dir, port))
+        _run_api(main(url, data_dir, port))

@@ -183,11 +183,23 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_api(main: Any) -> None:
+    """Run an API process's event loop: uvloop's when installed (a cheaper loop under many
+    connections: docs/benchmarks.md, ingest and fan-out), else asyncio's. Workers keep asyncio's:
+    they spend their time in terraform, not in the loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     with database(settings) as url:
         if args.workers > 1:
             return _serve_processes(settings, url, args.host, args.port, args.workers)
-        asyncio.run(_run(settings, url, api=True, worker=False, host=args.host, port=args.port))
+        _run_api(_run(settings, url, api=True, worker=False, host=args.host, port=args.port))
     return 0
 
 
@@ -210,7 +222,7 @@ def _serve_processes(settings: Settings, url: str, host: str, port: int, workers
             code = 1
             try:
                 os.setpgid(0, 0)
-                asyncio.run(
+                _run_api(
                     _run(settings, url, api=True, worker=False, host=host, port=port, sock=sock)
                 )
                 code = 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 
@@ -29,3 +32,17 @@ async def open_pool(
     )
     await pool.open(wait=False)
     return pool
+
+
+@contextlib.asynccontextmanager
+async def autocommit(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pool connection in autocommit mode: each statement (or multi-statement simple query)
+    is its own transaction, so no BEGIN/COMMIT round trips around it. Given back to the pool in
+    its usual mode."""
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)  # client-side only: no round trip on an idle connection
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(psycopg.Error):  # a broken connection: the pool drops it
+                await conn.set_autocommit(False)

@@ -7,7 +7,6 @@ queue the next run (``Requested``, ``Retried``) and forget the secrets once the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -15,12 +14,12 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import msgspec
-import psycopg
 from psycopg.errors import UniqueViolation
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from service import store
+from service.db import autocommit
 from service.events import Cancelled, Event, Failed, Requested, Retried, Succeeded
 from service.lifecycle import (
     INITIAL,
@@ -105,16 +104,11 @@ class Deploys:
     async def _request_once(
         self, new: NewDeploy, owner: str, actor: str, key: str | None, digest: str
     ) -> tuple[DeployView, bool]:
-        async with self.pool.connection() as conn:
-            # Autocommit: the Idempotency-Key lookup needs no transaction of its own (a twin
-            # request racing this one collides on the key's primary key), and the writes are
-            # one query, which PostgreSQL runs as one transaction.
-            await conn.set_autocommit(True)
-            try:
-                return await self._record(conn, new, owner, actor, key, digest)
-            finally:
-                with contextlib.suppress(psycopg.Error):  # a broken connection: the pool drops it
-                    await conn.set_autocommit(False)
+        # Autocommit: the Idempotency-Key lookup needs no transaction of its own (a twin
+        # request racing this one collides on the key's primary key), and the writes are one
+        # query, which PostgreSQL runs as one transaction.
+        async with autocommit(self.pool) as conn:
+            return await self._record(conn, new, owner, actor, key, digest)
 
     async def _record(
         self, conn: Any, new: NewDeploy, owner: str, actor: str, key: str | None, digest: str
