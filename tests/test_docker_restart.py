@@ -19,7 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -227,41 +227,52 @@ async def test_engine_killed_and_restarted_mid_run(database_url, tmp_path, runne
         await _restart_mid_run(env, engine, signal.SIGKILL, "restart-kill")
 
 
+@contextlib.asynccontextmanager
+async def _worker_on(env: Env, engine: Engine, name: str, engine_wait: float) -> AsyncIterator[None]:
+    """A worker in this process whose Docker runner talks to ``engine`` and waits at most
+    ``engine_wait`` seconds for it; stopped at the end, and the engine started again if the
+    test left it down (for whatever runs next on it)."""
+    import docker
+
+    from service.runners.docker import DockerRunner
+    from service.worker import Worker
+
+    assert env.services is not None
+    client = docker.DockerClient(base_url=engine.host, timeout=30)
+    runner = DockerRunner(env.services.settings, client=client)
+    runner.engine_wait = engine_wait
+    worker = Worker(env.services, name=name, runner=runner)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 120)
+        await worker.close()
+        client.close()
+        if not await asyncio.to_thread(engine.answers):
+            await asyncio.to_thread(engine.start)
+
+
 async def test_engine_down_for_good_the_deploy_fails_with_a_reason(
     database_url, tmp_path, runner_image, engine
 ):
     """The engine goes away mid-run and stays away: the run gives up after ``engine_wait``
     (runner_lost), the next attempts cannot get a container (runner_error), the deploy ends
     failed — not deploying. A deploy submitted meanwhile fails the same way."""
-    import docker
-
-    from service.runners.docker import DockerRunner
-    from service.worker import Worker
-
-    async with environment(database_url, tmp_path, runner_image) as env:
-        assert env.services is not None
-        client = docker.DockerClient(base_url=engine.host, timeout=30)
-        runner = DockerRunner(env.services.settings, client=client)
-        runner.engine_wait = 8.0
-        worker = Worker(env.services, name="down-worker", runner=runner)
-        task = asyncio.create_task(worker.run())
-        try:
-            d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 60}}, workspace="down")
-            env.deploy_ids = [d["id"]]
-            await env.wait_log(d["id"], "B-STARTS", limit=180)
-            await asyncio.to_thread(engine.stop, signal.SIGKILL)
-            down_at = time.monotonic()
-            done = await env.wait(d["id"], limit=180)
-            ended_after = time.monotonic() - down_at
-            later = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 0}}, workspace="later")
-            env.deploy_ids.append(later["id"])
-            later_done = await env.wait(later["id"], limit=120)
-        finally:
-            worker.stop()
-            await asyncio.wait_for(task, 120)
-            await worker.close()
-            client.close()
-            await asyncio.to_thread(engine.start)  # for whatever runs next on this engine
+    async with environment(database_url, tmp_path, runner_image) as env, _worker_on(
+        env, engine, "down-worker", engine_wait=8.0
+    ):
+        d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 60}}, workspace="down")
+        env.deploy_ids = [d["id"]]
+        await env.wait_log(d["id"], "B-STARTS", limit=180)
+        await asyncio.to_thread(engine.stop, signal.SIGKILL)
+        down_at = time.monotonic()
+        done = await env.wait(d["id"], limit=180)
+        ended_after = time.monotonic() - down_at
+        later = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 0}}, workspace="later")
+        env.deploy_ids.append(later["id"])
+        later_done = await env.wait(later["id"], limit=120)
         print(f"\nscenario 3 (engine down for good): engine stopped -> deploy failed in {ended_after:.1f}s")
         events = await env.events(d["id"])
         reasons = [e["data"]["reason"] for e in events if e["type"] == "Failed"]
@@ -285,19 +296,8 @@ async def test_engine_away_past_engine_wait_the_next_attempt_adopts_the_state_le
     runner_lost with no state, and its container cannot be removed. When the engine is back,
     the next attempt finds that container, starts from the state it left (newer than anything
     persisted) and removes it: A is not made a second time."""
-    import docker
-
-    from service.runners.docker import DockerRunner
-    from service.worker import Worker
-
     async with environment(database_url, tmp_path, runner_image) as env:
-        assert env.services is not None
-        client = docker.DockerClient(base_url=engine.host, timeout=30)
-        runner = DockerRunner(env.services.settings, client=client)
-        runner.engine_wait = 8.0
-        worker = Worker(env.services, name="adopting-worker", runner=runner)
-        task = asyncio.create_task(worker.run())
-        try:
+        async with _worker_on(env, engine, "adopting-worker", engine_wait=8.0):
             d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 25}}, workspace="adopt")
             env.deploy_ids = [d["id"]]
             await env.wait_log(d["id"], "B-STARTS", limit=180)
@@ -310,13 +310,6 @@ async def test_engine_away_past_engine_wait_the_next_attempt_adopts_the_state_le
             # The next attempt now waits for the engine (engine_wait) in acquire_slot.
             await asyncio.to_thread(engine.start)
             done = await env.wait(d["id"], limit=300)
-        finally:
-            worker.stop()
-            await asyncio.wait_for(task, 120)
-            await worker.close()
-            client.close()
-            if not engine.answers():
-                await asyncio.to_thread(engine.start)
         events = await env.events(d["id"])
         types = [e["type"] for e in events]
         log = await env.logs(d["id"])
