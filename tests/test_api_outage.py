@@ -564,3 +564,38 @@ async def test_sigterm_closes_open_streams_at_once_and_exits_0(
     finally:
         first.kill()
         second.kill()
+
+
+async def test_a_request_waiting_through_an_outage_is_served_when_postgres_is_back(
+    cluster: Any,
+) -> None:
+    """psycopg_pool gives up reconnecting after its reconnect window and tries again only for a
+    new request: a request that was already waiting (a worker recording an outcome) then sat
+    out its whole timeout after PostgreSQL was back (16 s in scenario 2). service/db.py starts
+    the next window itself, so the waiting request gets its connection once PostgreSQL
+    answers, long before its 40 s timeout."""
+    from service.db import open_pool
+
+    pool = await open_pool(cluster.url, wait=40.0, name="waiting-test")
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+        await asyncio.to_thread(cluster.stop, "fast")
+
+        async def wait_for_a_connection() -> float:  # finds the pooled one dead, then waits
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+            return time.monotonic()
+
+        waiting = asyncio.create_task(wait_for_a_connection())
+        await asyncio.sleep(8)  # past the 3 s reconnect window, more than once
+        assert not waiting.done()
+        starting_at = time.monotonic()
+        await asyncio.to_thread(cluster.start)
+        served_at = await waiting  # a PoolTimeout here is the bug
+        print(
+            f"\na request waiting through the outage was served {served_at - starting_at:.2f} s "
+            "after PostgreSQL's start began"
+        )
+    finally:
+        await pool.close()
