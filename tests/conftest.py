@@ -47,10 +47,9 @@ def pg_cluster() -> Iterator[EmbeddedPostgres]:
     pg = EmbeddedPostgres(directory, settings=TEST_PG_SETTINGS)
     try:
         pg.start()
-        base = pg.url.rsplit("/", 1)[0]
-        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        with _maintenance(pg) as conn:
             conn.execute(f"CREATE DATABASE {TEMPLATE}")
-        migrate(f"{base}/{TEMPLATE}")
+        migrate(f"{pg.url.rsplit('/', 1)[0]}/{TEMPLATE}")
         yield pg
     finally:
         with contextlib.suppress(Exception):
@@ -58,10 +57,12 @@ def pg_cluster() -> Iterator[EmbeddedPostgres]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _database_names(pg: EmbeddedPostgres) -> set[str]:
-    base = pg.url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        return {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+def _maintenance(pg: EmbeddedPostgres) -> psycopg.Connection[Any]:
+    return psycopg.connect(f"{pg.url.rsplit('/', 1)[0]}/postgres", autocommit=True)
+
+
+def _database_names(conn: psycopg.Connection[Any]) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
 
 
 @pytest.fixture(autouse=True)
@@ -72,21 +73,20 @@ def _drop_databases_made_by_the_test(request: pytest.FixtureRequest) -> Iterator
         yield
         return
     pg: EmbeddedPostgres = request.getfixturevalue("pg_cluster")
-    before = _database_names(pg)
+    with _maintenance(pg) as conn:
+        before = _database_names(conn)
     yield
-    base = pg.url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        for name in _database_names(pg) - before:
+    with _maintenance(pg) as conn:
+        for name in _database_names(conn) - before:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def new_database(pg: EmbeddedPostgres) -> str:
     """A fresh database with every migration applied; returns its URL."""
     name = f"t_{os.getpid()}_{next(_counter)}"
-    base = pg.url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+    with _maintenance(pg) as conn:
         conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    return f"{base}/{name}"
+    return f"{pg.url.rsplit('/', 1)[0]}/{name}"
 
 
 @pytest.fixture

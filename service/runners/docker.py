@@ -296,19 +296,24 @@ class DockerRunner:
                 pause = min(pause * 2, ENGINE_POLL_MAX)
                 continue
             down_since, pause = None, 0.5
+            slot: DockerSlot | None = None
             try:
                 async with self._cap_lock():
                     if await self.running() < cap:
                         container_id = await self._create(request)
                         self._held.add(container_id)
-                        # Their state now lives in the new container's volume too.
-                        for leftover in adopted:
-                            await self._remove(leftover)
-                        return DockerSlot(self, request, container_id, notes)
-                await self._wait_event(events, self.wait_timeout)
+                        slot = DockerSlot(self, request, container_id, notes)
+                if slot is None:
+                    await self._wait_event(events, self.wait_timeout)
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(events.close)
+            if slot is not None:
+                # Their state now lives in the new container's volume too. Removed outside
+                # the cap lock: other workers' slots need not wait for it.
+                for leftover in adopted:
+                    await self._remove(leftover)
+                return slot
 
     @staticmethod
     async def _wait_event(events: Any, limit: float) -> None:
@@ -704,6 +709,8 @@ class DockerRunner:
         lineage, higher serial) becomes this attempt's start state; it is persisted with this
         attempt's outcome. Returns (the request to run, the leftovers to remove once the new
         container holds the state, notes for the log)."""
+        if request.attempt <= 1:  # nothing earlier: no Docker API call on the usual path
+            return request, [], []
         rows = self._api.containers(
             all=True,
             filters={"label": [self.label_filter, f"tfdeploy.deploy={request.deploy_id}"]},
