@@ -10,8 +10,11 @@ from typing import Literal
 
 import msgspec
 
-Action = Literal["apply", "destroy"]
-Actor = str  # "user:<name>", "admin:<name>", "worker:<id>", "system"
+Action = Literal["apply", "destroy", "plan"]
+Actor = str  # "user:<name>", "admin:<name>", "worker:<id>", "cli:<name>", "system"
+# What a run does: "run" is a whole run (init .. apply/destroy, or a speculative plan); "plan"
+# plans for approval; "apply" applies the approved saved plan.
+Step = Literal["run", "plan", "apply"]
 
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=False):
@@ -26,12 +29,19 @@ class Requested(_Event, frozen=True, kw_only=True, tag="Requested"):
     files: dict[str, str]  # file name -> sha256 of its content; the content lives in deploy_inputs
     variables: dict[str, str] = {}
     secret_names: list[str] = []
+    # The workspace's id and owner (workspace names are per user). Empty in events recorded
+    # before workspaces had owners; the read model resolves those through the migrated mapping.
+    workspace_id: str = ""
+    workspace_owner: str = ""
+    # False: each attempt stops after its plan until a person approves it (Approved).
+    auto_approve: bool = True
 
 
 class Started(_Event, frozen=True, kw_only=True, tag="Started"):
     attempt: int
     runner: str = ""
     worker: str = ""
+    step: Step = "run"
 
 
 class StatePersisted(_Event, frozen=True, kw_only=True, tag="StatePersisted"):
@@ -88,6 +98,52 @@ class Succeeded(_Event, frozen=True, kw_only=True, tag="Succeeded"):
     attempt: int
 
 
+class PlanSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """Terraform's own counts: a replace is one to add and one to destroy."""
+
+    add: int = 0
+    change: int = 0
+    destroy: int = 0
+
+
+class PlanChange(msgspec.Struct, frozen=True, kw_only=True):
+    """One resource change of a plan: no values, so nothing sensitive."""
+
+    address: str
+    type: str
+    actions: list[str]  # terraform's: ["create"], ["update"], ["delete", "create"], ...
+    # Terraform replaces it because an earlier apply left it tainted (action_reason
+    # "replace_because_tainted").
+    tainted: bool = False
+
+
+class Planned(_Event, frozen=True, kw_only=True, tag="Planned"):
+    """A plan was made. Unless an ``Approved`` follows, a non-speculative deploy waits for one."""
+
+    attempt: int
+    summary: PlanSummary
+    changes: list[PlanChange] = []
+    plan_sha256: str = ""  # of the saved plan file; "" for a speculative plan (not kept)
+    plan_id: str = ""  # where the saved plan is kept (encrypted), "" when not kept
+    base_state_version: int | None = None  # the workspace state version it was made against
+
+
+class Approved(_Event, frozen=True, kw_only=True, tag="Approved"):
+    """The latest plan may be applied: by a person, or by the re-plan rule (``rule`` names it)
+    when every change of a new plan was in the plan a person approved."""
+
+    attempt: int
+    by: str
+    rule: str = ""
+
+
+class Discarded(_Event, frozen=True, kw_only=True, tag="Discarded"):
+    """A plan that will not be applied: discarded by a person, or expired (``by`` "system:ttl")."""
+
+    by: str
+    reason: str = "discarded"  # "discarded" | "expired"
+
+
 class CancelRequested(_Event, frozen=True, kw_only=True, tag="CancelRequested"):
     by: str
 
@@ -106,24 +162,40 @@ Event = (
     | Destroyed
     | StateRescued
     | Succeeded
+    | Planned
+    | Approved
+    | Discarded
     | CancelRequested
     | Cancelled
 )
 
+DEPLOY_EVENT_CLASSES: tuple[type[Event], ...] = (
+    Requested,
+    Started,
+    StatePersisted,
+    Failed,
+    Retried,
+    Destroyed,
+    StateRescued,
+    Succeeded,
+    Planned,
+    Approved,
+    Discarded,
+    CancelRequested,
+    Cancelled,
+)
+
+
+# ---------------------------------------------------------------- workspace streams
+# Facts about a workspace (created, members, state downloads, CLI locks) live in the same table,
+# in the workspace's own stream (stream_kind 'workspace', deploy_id = the workspace's id).
+
+WORKSPACE_EVENT_CLASSES: tuple[type[_Event], ...] = ()
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (
-        Requested,
-        Started,
-        StatePersisted,
-        Failed,
-        Retried,
-        Destroyed,
-        StateRescued,
-        Succeeded,
-        CancelRequested,
-        Cancelled,
-    )
+    for cls in (*DEPLOY_EVENT_CLASSES, *WORKSPACE_EVENT_CLASSES)
 }
 
 _encoder = msgspec.json.Encoder()

@@ -38,6 +38,8 @@ class DeployView(msgspec.Struct, frozen=True, kw_only=True):
     cancel_requested: bool = False
     state_version: int | None = None
     error: ErrorInfo | None = None
+    workspace_id: str = ""  # the workspace's uuid (workspace names are per user)
+    workspace_owner: str = ""
 
 
 def view_of(records: Sequence[StoredEvent]) -> DeployView:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,7 @@ from typing import Literal
 import msgspec
 
 PREFIX = "TFDEPLOY_"
+_RATE = re.compile(r"^\s*([1-9][0-9]{0,6})\s*/\s*([smh])\s*$")
 
 
 class SettingsError(ValueError):
@@ -44,6 +46,33 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # -- tenants and isolation (docs/security.md)
+    # The local runner refuses to start without a working bubblewrap sandbox unless this is set.
+    local_unsandboxed: bool = False
+    # GET /metrics without an admin token.
+    metrics_public: bool = False
+
+    # -- limits and fair turns (docs/reliability.md, "Limits")
+    # One user's running deploys; None: no limit beyond the cap.
+    max_running_per_user: int | None = None
+    max_output_bytes: int = 10 * 1024 * 1024  # terraform output kept per attempt
+    max_state_bytes: int = 64 * 1024 * 1024  # largest tfstate accepted from a run
+    max_streams_per_user: int = 32  # open Server-Sent Event streams per user
+    rate_limit: str = "50/s"  # requests per user: "<n>/s", "<n>/m" or "<n>/h"
+    # Retention: None keeps everything (the default). Events are never deleted; the latest
+    # state version of a workspace is never deleted.
+    log_retention_days: float | None = None  # terraform output of ended deploys
+    input_retention_days: float | None = None  # files and variables of ended deploys
+    idempotency_retention_days: float | None = None  # Idempotency-Key records
+    state_retention_days: float | None = None  # state versions other than the latest
+
+    # -- plans and approval
+    plan_ttl: float = 86400.0  # an unapproved plan is discarded after this many seconds
+
+    # -- providers (docs/providers.md)
+    provider_mirror: str | None = None  # a filesystem mirror, packed or unpacked layout
+    provider_cache: str | None = None  # default: <data dir>/provider-cache
+
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
             ("MAX_CONCURRENCY", self.max_concurrency >= 1, "must be at least 1"),
@@ -59,6 +88,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("RUNNER_PIDS", self.runner_pids >= 16, "must be at least 16"),
             ("MAX_REQUEST_BYTES", self.max_request_bytes >= 1024, "must be at least 1024"),
             ("PORT", 0 <= self.port <= 65535, "must be a TCP port"),
+            (
+                "MAX_RUNNING_PER_USER",
+                self.max_running_per_user is None or self.max_running_per_user >= 1,
+                "must be at least 1",
+            ),
+            ("MAX_OUTPUT_BYTES", self.max_output_bytes >= 64 * 1024, "must be at least 65536"),
+            ("MAX_STATE_BYTES", self.max_state_bytes >= 64 * 1024, "must be at least 65536"),
+            ("MAX_STREAMS_PER_USER", self.max_streams_per_user >= 1, "must be at least 1"),
+            ("RATE_LIMIT", _RATE.match(self.rate_limit) is not None, "must look like 50/s, 600/m or 10000/h"),
+            ("PLAN_TTL", self.plan_ttl > 0, "must be positive"),
+            *(
+                (name.upper(), value is None or value > 0, "must be positive")
+                for name, value in (
+                    ("log_retention_days", self.log_retention_days),
+                    ("input_retention_days", self.input_retention_days),
+                    ("idempotency_retention_days", self.idempotency_retention_days),
+                    ("state_retention_days", self.state_retention_days),
+                )
+            ),
             (
                 "S3_BUCKET",
                 self.state_store != "s3" or bool(self.s3_bucket),
@@ -83,6 +131,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def rate_limit_rule(self) -> tuple[Literal["second", "minute", "hour"], int]:
+        """``TFDEPLOY_RATE_LIMIT`` as (unit, requests): "50/s" -> ("second", 50)."""
+        m = _RATE.match(self.rate_limit)
+        assert m is not None  # checked in __post_init__
+        unit: Literal["second", "minute", "hour"] = {"s": "second", "m": "minute", "h": "hour"}[
+            m.group(2)
+        ]  # type: ignore[assignment]
+        return unit, int(m.group(1))
+
+    @property
+    def provider_cache_path(self) -> Path:
+        """``TFDEPLOY_PROVIDER_CACHE``, else ``<data dir>/provider-cache``."""
+        if self.provider_cache:
+            return Path(self.provider_cache).expanduser().resolve()
+        return self.data_path / "provider-cache"
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
