@@ -18,6 +18,40 @@ import msgspec
 LineSink = Callable[[str, str], Awaitable[None]]
 
 
+# Where a run sees the provider mirror and cache (read-only): the Docker runner mounts them
+# there, the bubblewrap sandbox binds them there; an unsandboxed local run uses the host paths.
+PROVIDERS_ROOT = "/tfdeploy/providers"
+
+
+class ProviderSetup(msgspec.Struct, frozen=True, kw_only=True):
+    """How a run installs providers (service/providers.py builds it, the runners apply it).
+
+    ``cli_config`` is a terraform CLI configuration (written to a file named by
+    ``TF_CLI_CONFIG_FILE``) that refers to the in-run paths of ``mounts``; each mount is an
+    in-run path -> host path, mounted read-only. ``env`` is extra environment for terraform."""
+
+    mounts: dict[str, str] = {}
+    cli_config: str = ""
+    env: dict[str, str] = {}
+
+    def with_host_paths(self) -> ProviderSetup:
+        """The same setup for a run that sees the host's file system (no mounts): every in-run
+        path in the CLI config and the environment replaced by its host path."""
+        # Longest first, so a path that is a prefix of another is not replaced inside it.
+        pairs = sorted(self.mounts.items(), key=lambda kv: -len(kv[0]))
+
+        def host(text: str) -> str:
+            for run_path, host_path in pairs:
+                text = text.replace(run_path, host_path)
+            return text
+
+        return ProviderSetup(
+            mounts={},
+            cli_config=host(self.cli_config),
+            env={k: host(v) for k, v in self.env.items()},
+        )
+
+
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True):
     deploy_id: str
     attempt: int
