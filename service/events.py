@@ -126,6 +126,10 @@ class Planned(_Event, frozen=True, kw_only=True, tag="Planned"):
     plan_sha256: str = ""  # of the saved plan file; "" for a speculative plan (not kept)
     plan_id: str = ""  # where the saved plan is kept (encrypted), "" when not kept
     base_state_version: int | None = None  # the workspace state version it was made against
+    changed: bool = True  # anything to apply at all ("No changes." otherwise)
+    # False when the deploy does not wait for a person: a speculative plan, a plan with nothing
+    # to apply (Succeeded follows), or one within the approved changes (Approved follows).
+    awaits_approval: bool = True
 
 
 class Approved(_Event, frozen=True, kw_only=True, tag="Approved"):

@@ -20,23 +20,44 @@ import msgspec
 
 from service.events import (
     Action,
+    Approved,
     Cancelled,
     CancelRequested,
     Destroyed,
+    Discarded,
     Event,
     Failed,
+    PlanChange,
+    Planned,
+    PlanSummary,
     Requested,
     Retried,
     Started,
     StatePersisted,
     StateRescued,
+    Step,
     Succeeded,
 )
 
-Phase = Literal["new", "queued", "running", "succeeded", "failed", "cancelled"]
-Status = Literal["queued", "deploying", "retrying", "succeeded", "failed", "cancelled"]
-STATUSES: tuple[Status, ...] = ("queued", "deploying", "retrying", "succeeded", "failed", "cancelled")
-TERMINAL: frozenset[Phase] = frozenset({"succeeded", "failed", "cancelled"})
+Phase = Literal[
+    "new", "queued", "running", "planned", "succeeded", "failed", "cancelled", "discarded"
+]
+Status = Literal[
+    "queued", "deploying", "retrying", "planned", "succeeded", "failed", "cancelled", "discarded"
+]
+STATUSES: tuple[Status, ...] = (
+    "queued", "deploying", "retrying", "planned", "succeeded", "failed", "cancelled", "discarded"
+)
+TERMINAL: frozenset[Phase] = frozenset({"succeeded", "failed", "cancelled", "discarded"})
+TERMINAL_STATUSES: frozenset[str] = frozenset(TERMINAL)
+
+# Where a run failed (the runner reports it): terraform's own steps.
+RunStep = Literal["init", "validate", "plan", "show_plan", "apply", "destroy", "apply_plan"]
+# How it failed, from terraform's diagnostics: the configuration itself, the network or a
+# registry, or anything else.
+FailureKind = Literal["config", "network", "other"]
+# Failures no retry can fix: the deploy fails at once whatever its budget.
+FINAL_REASONS: frozenset[str] = frozenset({"invalid_config", "state_invalid"})
 
 # Retry delays grow per attempt: base, 2*base, 4*base ... capped here.
 MAX_RETRY_DELAY = 3600.0
@@ -58,15 +79,34 @@ class ErrorInfo(msgspec.Struct, frozen=True):
 class DeployState(msgspec.Struct, frozen=True, kw_only=True):
     phase: Phase = "new"
     workspace: str = ""
+    workspace_id: str = ""
+    workspace_owner: str = ""
     action: Action = "apply"
+    auto_approve: bool = True
     owner: str = ""
     max_attempts: int = 0
     attempt: int = 0  # the last attempt that started; 0 before the first
     next_attempt: int = 1  # the attempt that runs when the deploy is next started
+    step: Step = "run"  # what the last started run did
+    next_step: Step = "run"  # what the next started run does
     cancel_requested: bool = False
     cancel_by: str = ""
     error: ErrorInfo | None = None
     state_version: int | None = None  # the workspace state version this deploy last persisted
+    plan: Planned | None = None  # the latest plan
+    # The changes of the latest plan a PERSON approved: the re-plan rule measures new plans
+    # against it (service.lifecycle.within_approved).
+    approved: tuple[PlanChange, ...] | None = None
+
+    @property
+    def speculative(self) -> bool:
+        """A speculative plan (action "plan"): it never applies and never holds its workspace."""
+        return self.action == "plan"
+
+    @property
+    def first_step(self) -> Step:
+        """What every attempt starts with: a whole run, or a plan that waits for approval."""
+        return "plan" if not self.auto_approve and not self.speculative else "run"
 
 
 INITIAL = DeployState()
@@ -100,6 +140,9 @@ class RequestDeploy(_Command, frozen=True, kw_only=True):
     files: dict[str, str]
     variables: dict[str, str] = {}
     secret_names: list[str] = []
+    workspace_id: str = ""
+    workspace_owner: str = ""
+    auto_approve: bool = True
 
 
 class StartAttempt(_Command, frozen=True, kw_only=True):
@@ -112,9 +155,14 @@ class AttemptSucceeded(_Command, frozen=True, kw_only=True):
 
 
 class AttemptFailed(_Command, frozen=True, kw_only=True):
+    # The service's own reason (timeout, runner_lost, worker_lost, output_limit, ...), or
+    # "apply_failed" when terraform itself failed: then ``step`` and ``kind`` say where and how,
+    # and ``failure_reason`` turns them into the recorded reason.
     reason: str
     message: str = ""
     exit_code: int | None = None
+    step: RunStep | None = None
+    kind: FailureKind | None = None
     state: PersistedState | None = None  # what the failed attempt left, already persisted
     retry_delay: float = 0.0  # the base delay; it grows per attempt
     # False: the service stopped the attempt for its own sake (a worker shutting down), so it
@@ -123,9 +171,14 @@ class AttemptFailed(_Command, frozen=True, kw_only=True):
 
 
 class StateNotPersisted(_Command, frozen=True, kw_only=True):
-    """Apply succeeded but the state store refused; the shell then tried to destroy."""
+    """The state a run left cannot be kept: the store refused it after an apply (the shell then
+    tried to destroy what the apply made), or it is not a usable tfstate at all (``reason``
+    "state_invalid": missing, a link, garbage, too large; nothing to destroy with, so the shell
+    rescues what it could read). Either way the deploy fails: a retry would start from an older
+    state and make again what this run made."""
 
     message: str
+    reason: Literal["state_not_persisted", "state_invalid"] = "state_not_persisted"
     destroyed: bool
     destroy_message: str = ""
     rescue_location: str | None = None  # the emergency copy, when the destroy failed too
@@ -136,6 +189,31 @@ class AttemptInterrupted(_Command, frozen=True, kw_only=True):
     """The runner stopped terraform because a cancel was requested."""
 
     state: PersistedState | None = None
+
+
+class PlanMade(_Command, frozen=True, kw_only=True):
+    """A run made a plan (its changes read from ``terraform show -json``, values left out); the
+    shell kept the saved plan first (``plan_id``) when it may be applied."""
+
+    summary: PlanSummary
+    changes: list[PlanChange] = []
+    changed: bool = True  # anything to apply at all (resources or outputs)
+    plan_sha256: str = ""
+    plan_id: str = ""
+    base_state_version: int | None = None
+
+
+class Approve(_Command, frozen=True, kw_only=True):
+    """A person approves the latest plan. ``state_version`` is the workspace's latest state
+    version now: a plan made against another one is stale (refused)."""
+
+    by: str
+    state_version: int | None
+
+
+class Discard(_Command, frozen=True, kw_only=True):
+    by: str
+    reason: Literal["discarded", "expired"] = "discarded"
 
 
 class Cancel(_Command, frozen=True, kw_only=True):
@@ -154,6 +232,9 @@ Command = (
     | AttemptFailed
     | StateNotPersisted
     | AttemptInterrupted
+    | PlanMade
+    | Approve
+    | Discard
     | Cancel
     | Replay
 )
@@ -167,18 +248,26 @@ def evolve(state: DeployState, event: Event) -> DeployState:
     replace = msgspec.structs.replace
     match event:
         case Requested():
-            return replace(
+            requested = replace(
                 state,
                 phase="queued",
                 workspace=event.workspace,
+                workspace_id=event.workspace_id,
+                workspace_owner=event.workspace_owner,
                 action=event.action,
+                auto_approve=event.auto_approve,
                 owner=event.owner,
                 max_attempts=event.max_attempts,
                 next_attempt=1,
             )
+            return replace(requested, next_step=requested.first_step)
         case Started():
             return replace(
-                state, phase="running", attempt=event.attempt, next_attempt=event.attempt + 1
+                state,
+                phase="running",
+                attempt=event.attempt,
+                next_attempt=event.attempt + 1,
+                step=event.step,
             )
         case StatePersisted():
             return replace(state, state_version=event.state_version)
@@ -186,7 +275,35 @@ def evolve(state: DeployState, event: Event) -> DeployState:
             error = ErrorInfo(event.reason, event.message)
             if event.final:
                 return replace(state, phase="failed", error=error)
-            return replace(state, phase="queued", error=error, next_attempt=event.attempt + 1)
+            return replace(
+                state,
+                phase="queued",
+                error=error,
+                next_attempt=event.attempt + 1,
+                next_step=state.first_step,
+            )
+        case Planned():
+            # Waiting for a person unless something follows at once (a speculative plan or one
+            # with nothing to do: Succeeded; one within the approved changes: Approved).
+            phase: Phase = "planned" if event.awaits_approval else state.phase
+            return replace(state, plan=event, phase=phase)
+        case Approved():
+            approved = state.approved
+            if not event.rule and state.plan is not None:
+                approved = tuple(state.plan.changes)
+            return replace(
+                state,
+                phase="queued",
+                next_attempt=event.attempt,
+                next_step="apply",
+                approved=approved,
+            )
+        case Discarded():
+            return replace(
+                state,
+                phase="discarded",
+                error=ErrorInfo(event.reason, f"plan {event.reason} by {event.by}"),
+            )
         case Retried():
             # A retry (or an admin replay) opens a new round: a cancel request that an earlier
             # attempt never acted on (e.g. that attempt ended state_not_persisted) must not leak
@@ -196,6 +313,7 @@ def evolve(state: DeployState, event: Event) -> DeployState:
                 state,
                 phase="queued",
                 next_attempt=event.attempt,
+                next_step=state.first_step,
                 max_attempts=event.max_attempts,
                 error=state.error,
                 cancel_requested=False,
@@ -243,6 +361,67 @@ def _persisted(state: PersistedState | None, attempt: int) -> list[Event]:
     return [StatePersisted(attempt=attempt, **msgspec.structs.asdict(state))]
 
 
+WITHIN_APPROVED = "within_approved"
+_REPLACE = frozenset({"delete", "create"})
+_NOTHING = (("no-op",), ("read",), ())
+
+
+def within_approved(changes: Iterable[PlanChange], approved: Iterable[PlanChange]) -> bool:
+    """The re-plan rule: may a new plan be applied under an earlier approval?
+
+    Yes when every change it makes was approved: the same address with the same actions, or a
+    part of them (the create of an approved replace whose delete already happened, say). Also
+    counted as approved: replacing a resource the approved plan was to create and that the
+    failed attempt left tainted (terraform plans the re-creation as a replace). No-ops and
+    reads change nothing. Anything else -- a new address, another action -- needs a new
+    approval."""
+    allowed = {c.address: frozenset(c.actions) for c in approved}
+    for change in changes:
+        if tuple(change.actions) in _NOTHING:
+            continue
+        acts = frozenset(change.actions)
+        ok = allowed.get(change.address)
+        if ok is None:
+            return False
+        if acts <= ok:
+            continue
+        if change.tainted and acts == _REPLACE and ok == frozenset({"create"}):
+            continue
+        return False
+    return True
+
+
+def failure_reason(reason: str, step: RunStep | None, kind: FailureKind | None) -> str:
+    """The reason recorded for a failed attempt. Terraform's own failure ("apply_failed") is
+    named by the step it failed in; a configuration that init or validate refuses is
+    ``invalid_config`` (final: no retry can fix it). A network or registry failure during init
+    stays retryable. Reasons of the service's own (timeout, runner_lost, ...) are kept."""
+    if reason != "apply_failed" or step is None:
+        return reason
+    if step in ("init", "validate") and kind == "config":
+        return "invalid_config"
+    if step == "init":
+        return "init_failed"
+    if step == "validate":
+        return "invalid_config"  # validate fails only on the configuration
+    if step in ("plan", "show_plan"):
+        return "plan_failed"
+    return "apply_failed"
+
+
+def _planned(command: PlanMade, state: DeployState, *, awaits: bool) -> Planned:
+    return Planned(
+        attempt=state.attempt,
+        summary=command.summary,
+        changes=list(command.changes),
+        plan_sha256=command.plan_sha256,
+        plan_id=command.plan_id,
+        base_state_version=command.base_state_version,
+        changed=command.changed,
+        awaits_approval=awaits,
+    )
+
+
 def decide(command: Command, state: DeployState) -> list[Event]:
     """The events that follow ``command`` given ``state``; raises IllegalTransition."""
     match command:
@@ -260,18 +439,68 @@ def decide(command: Command, state: DeployState) -> list[Event]:
                     files=command.files,
                     variables=command.variables,
                     secret_names=command.secret_names,
+                    workspace_id=command.workspace_id,
+                    workspace_owner=command.workspace_owner,
+                    auto_approve=command.auto_approve,
                 )
             ]
 
         case StartAttempt():
             if state.phase != "queued":
                 raise _refuse(state, "start")
-            return [Started(attempt=state.next_attempt, runner=command.runner, worker=command.worker)]
+            return [
+                Started(
+                    attempt=state.next_attempt,
+                    runner=command.runner,
+                    worker=command.worker,
+                    step=state.next_step,
+                )
+            ]
 
         case AttemptSucceeded():
-            if state.phase != "running":
+            if state.phase != "running" or state.step == "plan" or state.speculative:
+                # A plan run ends with PlanMade.
                 raise _refuse(state, "record a success for")
             return [*_persisted(command.state, state.attempt), Succeeded(attempt=state.attempt)]
+
+        case PlanMade():
+            if state.phase != "running" or (state.step != "plan" and not state.speculative):
+                raise _refuse(state, "record a plan for")
+            if state.cancel_requested:
+                return [Cancelled(by=state.cancel_by, attempt=state.attempt)]
+            if state.speculative or not command.changed:
+                # Nothing will be applied: the plan itself is the result.
+                return [_planned(command, state, awaits=False), Succeeded(attempt=state.attempt)]
+            if not command.plan_id:
+                raise IllegalTransition(
+                    f"cannot record a plan that was not kept (no plan_id) for a deploy that is "
+                    f"{status_of(state)}: a plan that may be applied must be kept",
+                    status=status_of(state),
+                )
+            if state.approved is not None and within_approved(command.changes, state.approved):
+                return [
+                    _planned(command, state, awaits=False),
+                    Approved(attempt=state.attempt, by="system", rule=WITHIN_APPROVED),
+                ]
+            return [_planned(command, state, awaits=True)]
+
+        case Approve():
+            if state.phase != "planned" or state.plan is None:
+                raise _refuse(state, "approve")
+            if state.plan.base_state_version != command.state_version:
+                raise IllegalTransition(
+                    "cannot approve a stale plan of a deploy that is planned: the workspace's "
+                    f"state changed since it was made (made against version "
+                    f"{state.plan.base_state_version}, now {command.state_version}); discard it "
+                    "and plan again",
+                    status=status_of(state),
+                )
+            return [Approved(attempt=state.plan.attempt, by=command.by)]
+
+        case Discard():
+            if state.phase != "planned":
+                raise _refuse(state, "discard")
+            return [Discarded(by=command.by, reason=command.reason)]
 
         case AttemptFailed():
             if state.phase != "running":
@@ -279,11 +508,14 @@ def decide(command: Command, state: DeployState) -> list[Event]:
             events = _persisted(command.state, state.attempt)
             if state.cancel_requested:
                 return [*events, Cancelled(by=state.cancel_by, attempt=state.attempt)]
-            final = command.counted and state.attempt >= state.max_attempts
+            reason = failure_reason(command.reason, command.step, command.kind)
+            final = command.counted and (
+                reason in FINAL_REASONS or state.attempt >= state.max_attempts
+            )
             events.append(
                 Failed(
                     attempt=state.attempt,
-                    reason=command.reason,
+                    reason=reason,
                     message=command.message,
                     exit_code=command.exit_code,
                     final=final,
@@ -319,7 +551,7 @@ def decide(command: Command, state: DeployState) -> list[Event]:
             outcome.append(
                 Failed(
                     attempt=state.attempt,
-                    reason="state_not_persisted",
+                    reason=command.reason,
                     message=command.message,
                     final=True,
                 )
@@ -335,7 +567,7 @@ def decide(command: Command, state: DeployState) -> list[Event]:
             ]
 
         case Cancel():
-            if state.phase == "queued":
+            if state.phase in ("queued", "planned"):
                 return [Cancelled(by=command.by, attempt=None)]
             if state.phase == "running":
                 # Asking twice changes nothing: the first request is already on its way.
@@ -368,13 +600,15 @@ def status_of(state: DeployState) -> Status:
             return "queued" if state.next_attempt <= 1 else "retrying"
         case "running":
             return "deploying" if state.attempt <= 1 else "retrying"
-        case "succeeded" | "failed" | "cancelled":
+        case "planned" | "succeeded" | "failed" | "cancelled" | "discarded":
             return state.phase
     raise ValueError("a deploy with no events has no status")
 
 
 def shown_attempt(state: DeployState) -> int:
     """Attempt k of n as shown to a client: the one running, or the one waiting to run."""
+    if state.phase == "planned" and state.plan is not None:
+        return state.plan.attempt
     if state.phase == "queued":
         return state.next_attempt
     return state.attempt

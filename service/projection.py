@@ -82,4 +82,6 @@ def view_from(
         cancel_requested=state.cancel_requested,
         state_version=state.state_version,
         error=state.error,
+        workspace_id=state.workspace_id,
+        workspace_owner=state.workspace_owner,
     )

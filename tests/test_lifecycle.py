@@ -25,11 +25,16 @@ from hypothesis.stateful import (
 
 from service.events import (
     EVENT_TYPES,
+    Approved,
     Cancelled,
     CancelRequested,
     Destroyed,
+    Discarded,
     Event,
     Failed,
+    PlanChange,
+    Planned,
+    PlanSummary,
     Requested,
     Retried,
     Started,
@@ -42,18 +47,22 @@ from service.events import (
     type_name,
 )
 from service.lifecycle import (
+    FINAL_REASONS,
     INITIAL,
     MAX_RETRY_DELAY,
     STATUSES,
+    Approve,
     AttemptFailed,
     AttemptInterrupted,
     AttemptSucceeded,
     Cancel,
     Command,
     DeployState,
+    Discard,
     ErrorInfo,
     IllegalTransition,
     PersistedState,
+    PlanMade,
     Replay,
     RequestDeploy,
     StartAttempt,
@@ -911,7 +920,36 @@ def oracle_status(stream: list[Event]) -> str | None:
                 status = "succeeded"
             case Cancelled():
                 status = "cancelled"
+            case Planned():
+                if e.awaits_approval:
+                    status = "planned"
+            case Approved():
+                status = "queued" if e.attempt == 1 else "retrying"
+            case Discarded():
+                status = "discarded"
     return status
+
+
+NOTHING_TO_DO = {("no-op",), ("read",), ()}
+
+
+def oracle_within(changes: list[PlanChange], approved: list[PlanChange]) -> bool:
+    """The re-plan rule read straight off CONTRACT, written apart from the lifecycle's: every
+    change of the new plan must be an approved action (or part of one) on an approved address,
+    or the re-creation (replace) of a tainted resource that was approved to be created."""
+    for c in changes:
+        if tuple(c.actions) in NOTHING_TO_DO:
+            continue
+        matches = [a for a in approved if a.address == c.address]
+        if not matches:
+            return False
+        approved_actions = set(matches[-1].actions)
+        if all(x in approved_actions for x in c.actions):
+            continue
+        if c.tainted and sorted(c.actions) == ["create", "delete"] and approved_actions == {"create"}:
+            continue
+        return False
+    return True
 
 
 @dataclass
@@ -924,6 +962,13 @@ class Model:
     cancel_requested: bool = False
     retry_pending: bool = False
     grant: int = 0  # attempts the pending Retried adds (1 after an uncounted failure)
+    auto_approve: bool = True
+    speculative: bool = False
+    step: str = "run"  # the step of the run that started last
+    apply_next: bool = False  # queued to apply an approved plan
+    plan: Planned | None = None  # the latest plan
+    approved: list[PlanChange] | None = None  # the changes of the plan a PERSON approved last
+    after_plan: str = ""  # what must follow a Planned that does not wait: "" | "end" | "approve"
 
 
 def assert_legal_stream(stream: list[Event]) -> Model:
@@ -931,18 +976,35 @@ def assert_legal_stream(stream: list[Event]) -> Model:
     assert stream, "empty stream"
     assert isinstance(stream[0], Requested), stream[0]
     assert sum(isinstance(e, Requested) for e in stream) == 1
-    m = Model(phase="queued", budget=stream[0].max_attempts)
+    m = Model(
+        phase="queued",
+        budget=stream[0].max_attempts,
+        auto_approve=stream[0].auto_approve,
+        speculative=stream[0].action == "plan",
+    )
     assert m.budget >= 1
     prev: Event = stream[0]
     for e in stream[1:]:
-        assert m.phase not in ("succeeded", "cancelled"), f"{e!r} after terminal {prev!r}"
+        assert m.phase not in ("succeeded", "cancelled", "discarded"), f"{e!r} after terminal {prev!r}"
         if isinstance(prev, Destroyed | StateRescued):
-            assert isinstance(e, Failed) and e.reason == "state_not_persisted" and e.final
+            assert isinstance(e, Failed) and e.reason in ("state_not_persisted", "state_invalid")
+            assert e.final
+        if m.after_plan:
+            # a plan that does not wait is followed at once by what it stands for
+            if m.after_plan == "end":
+                assert isinstance(e, Succeeded) and e.attempt == m.attempt, e
+            else:
+                assert isinstance(e, Approved) and e.rule and e.by == "system", e
+                assert m.approved is not None and m.plan is not None
+                # nothing outside the changes a person approved is applied without asking
+                assert oracle_within(m.plan.changes, m.approved), (m.plan.changes, m.approved)
+            m.after_plan = ""
         if m.phase == "failed":
             # the only thing after a final Failed is an admin replay
             assert isinstance(e, Retried) and e.by == "admin", f"{e!r} after final Failed"
             assert e.attempt == m.attempt + 1 and e.max_attempts >= e.attempt
             m.budget, m.phase, m.cancel_requested = e.max_attempts, "queued", False
+            m.apply_next = False
             prev = e
             continue
         if m.retry_pending:
@@ -956,23 +1018,61 @@ def assert_legal_stream(stream: list[Event]) -> Model:
         match e:
             case Started():
                 assert m.phase == "queued"
-                assert e.attempt == m.attempt + 1, "Started attempts increase by exactly 1"
+                if m.apply_next:
+                    # the apply of an approved plan runs in the attempt that made the plan
+                    assert e.step == "apply" and e.attempt == m.attempt, e
+                    assert isinstance(prev, Approved), "an apply starts only after Approved"
+                else:
+                    assert e.attempt == m.attempt + 1, "Started attempts increase by exactly 1"
+                    first = "plan" if not m.auto_approve and not m.speculative else "run"
+                    assert e.step == first, (e.step, first)
                 assert e.attempt <= m.budget, "more attempts than max_attempts"
-                m.attempt, m.phase = e.attempt, "running"
+                m.attempt, m.phase, m.step, m.apply_next = e.attempt, "running", e.step, False
             case StatePersisted() | Destroyed() | StateRescued():
                 assert m.phase == "running" and e.attempt == m.attempt
             case Succeeded():
                 assert m.phase == "running" and e.attempt == m.attempt
-                assert isinstance(prev, StatePersisted), "state persisted before succeeded"
+                if isinstance(prev, Planned):
+                    # a plan is the whole result: speculative, or nothing to apply
+                    assert m.speculative or m.step == "plan"
+                else:
+                    assert m.step != "plan" and not m.speculative
+                    assert isinstance(prev, StatePersisted), "state persisted before succeeded"
                 m.phase = "succeeded"
+            case Planned():
+                assert m.phase == "running" and e.attempt == m.attempt
+                assert m.step == "plan" or m.speculative, "only a plan run makes a plan"
+                assert not m.cancel_requested, "a plan after a cancel request is a cancel"
+                m.plan = e
+                if e.awaits_approval:
+                    assert not m.speculative and e.plan_id
+                    m.phase = "planned"
+                elif m.speculative or not e.changed:
+                    m.after_plan = "end"
+                else:
+                    m.after_plan = "approve"
+            case Approved():
+                assert m.plan is not None and e.attempt == m.plan.attempt == m.attempt
+                if e.rule:
+                    assert m.phase == "running" and isinstance(prev, Planned)
+                else:
+                    assert m.phase == "planned", "a person approves only a waiting plan"
+                    m.approved = list(m.plan.changes)
+                m.phase, m.apply_next = "queued", True
+            case Discarded():
+                assert m.phase == "planned"
+                m.phase = "discarded"
             case Failed():
                 assert m.phase == "running" and e.attempt == m.attempt
-                if e.reason == "state_not_persisted":
+                if e.reason in ("state_not_persisted", "state_invalid"):
                     assert e.final
                 else:
                     assert not m.cancel_requested, "a failure after a cancel request is a cancel"
-                    # an uncounted attempt (a stopping worker's) never ends the deploy
-                    assert e.final == (e.counted and m.attempt >= m.budget)
+                    # an uncounted attempt (a stopping worker's) never ends the deploy; a
+                    # failure no retry can fix ends it at once
+                    assert e.final == (
+                        e.counted and (e.reason in FINAL_REASONS or m.attempt >= m.budget)
+                    )
                     m.grant = 0 if e.counted else 1
                 if e.final:
                     m.phase = "failed"
@@ -982,7 +1082,7 @@ def assert_legal_stream(stream: list[Event]) -> Model:
                 assert m.phase == "running" and not m.cancel_requested
                 m.cancel_requested = True
             case Cancelled():
-                if m.phase == "queued":
+                if m.phase in ("queued", "planned"):
                     assert e.attempt is None
                 else:
                     assert m.phase == "running" and m.cancel_requested and e.attempt == m.attempt
@@ -1002,12 +1102,26 @@ def expected_legal(cmd: Command, m: Model) -> bool:
             return m.phase == "new" and cmd.max_attempts >= 1
         case StartAttempt():
             return m.phase == "queued"
-        case AttemptSucceeded() | AttemptFailed() | StateNotPersisted():
+        case AttemptSucceeded():
+            return m.phase == "running" and m.step != "plan" and not m.speculative
+        case AttemptFailed() | StateNotPersisted():
             return m.phase == "running"
+        case PlanMade():
+            plan_run = m.phase == "running" and (m.step == "plan" or m.speculative)
+            kept = bool(cmd.plan_id) or not cmd.changed or m.speculative or m.cancel_requested
+            return plan_run and kept
+        case Approve():
+            return (
+                m.phase == "planned"
+                and m.plan is not None
+                and m.plan.base_state_version == cmd.state_version
+            )
+        case Discard():
+            return m.phase == "planned"
         case AttemptInterrupted():
             return m.phase == "running" and m.cancel_requested
         case Cancel():
-            return m.phase in ("queued", "running")
+            return m.phase in ("queued", "planned", "running")
         case Replay():
             return m.phase == "failed" and cmd.budget >= 1
     raise AssertionError(cmd)
@@ -1036,10 +1150,31 @@ persisted_states = st.builds(
     size=st.integers(0, 10**7),
     state_version=st.integers(1, 1000),
 )
+addresses = st.sampled_from(["a.x", "a.y", "b.z", "m.a.x[0]"])
+plan_changes = st.builds(
+    PlanChange,
+    address=addresses,
+    type=st.just("terraform_data"),
+    actions=st.sampled_from(
+        [["create"], ["update"], ["delete"], ["delete", "create"], ["create", "delete"],
+         ["no-op"], ["read"]]
+    ),
+    tainted=st.booleans(),
+)
+plan_made = st.builds(
+    PlanMade,
+    summary=st.builds(PlanSummary, add=st.integers(0, 3), change=st.integers(0, 3)),
+    changes=st.lists(plan_changes, max_size=4, unique_by=lambda c: c.address),
+    changed=st.booleans(),
+    plan_sha256=st.sampled_from(["", "ab" * 32]),
+    plan_id=st.sampled_from(["", "plan:1", "plan:2"]),
+    base_state_version=st.none() | st.integers(1, 3),
+)
 request_commands = st.builds(
     RequestDeploy,
     workspace=texts,
-    action=st.sampled_from(["apply", "destroy"]),
+    action=st.sampled_from(["apply", "destroy", "plan"]),
+    auto_approve=st.booleans(),
     max_attempts=st.integers(-1, 5),
     owner=texts.map(lambda s: f"user:{s}"),
     files=st.dictionaries(texts.map(lambda s: f"{s}.tf"), st.just("ab" * 32), max_size=3),
@@ -1052,12 +1187,19 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(AttemptSucceeded, state=persisted_states),
     st.builds(
         AttemptFailed,
-        reason=st.sampled_from(["apply_failed", "timeout", "runner_error", "worker_lost"]),
+        reason=st.sampled_from(
+            ["apply_failed", "timeout", "runner_error", "worker_lost", "output_limit"]
+        ),
         message=st.text(max_size=20),
         exit_code=st.none() | st.integers(0, 255),
         state=st.none() | persisted_states,
         retry_delay=st.floats(0, 120, allow_nan=False, allow_infinity=False),
+        step=st.none() | st.sampled_from(["init", "validate", "plan", "apply", "apply_plan"]),
+        kind=st.none() | st.sampled_from(["config", "network", "other"]),
     ),
+    plan_made,
+    st.builds(Approve, by=texts, state_version=st.none() | st.integers(1, 3)),
+    st.builds(Discard, by=texts, reason=st.sampled_from(["discarded", "expired"])),
     st.builds(
         AttemptFailed,
         reason=st.just("worker_stopped"),
@@ -1067,6 +1209,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(
         StateNotPersisted,
         message=st.text(max_size=20),
+        reason=st.sampled_from(["state_not_persisted", "state_invalid"]),
         destroyed=st.booleans(),
         destroy_message=st.text(max_size=10),
         rescue_location=st.none() | texts,
@@ -1109,7 +1252,7 @@ class Harness:
         assert isinstance(events, list)
         assert all(isinstance(e, tuple(EVENT_TYPES.values())) for e in events)
         assert decide(cmd, before) == events, "decide is deterministic"
-        if before_status in ("succeeded", "failed", "cancelled") and events:
+        if before_status in ("succeeded", "failed", "cancelled", "discarded") and events:
             assert isinstance(cmd, Replay) and before_status == "failed", "terminal stays terminal"
         if (
             isinstance(cmd, Cancel)
@@ -1140,7 +1283,9 @@ class Harness:
         assert self.state.attempt == m.attempt
         assert self.state.max_attempts == m.budget
         assert self.state.cancel_requested == m.cancel_requested or m.phase == "cancelled"
-        started = sum(isinstance(e, Started) for e in self.stream)
+        # an attempt starts once, with its first run; the apply of an approved plan is a second
+        # run of the same attempt
+        started = sum(isinstance(e, Started) and e.step != "apply" for e in self.stream)
         assert started == m.attempt <= self.state.max_attempts
         status = status_of(self.state)
         assert status in STATUSES and status == oracle_status(self.stream)
@@ -1148,10 +1293,12 @@ class Harness:
         assert shown <= self.state.max_attempts
         # attempt k of n: at least 1, except a deploy cancelled before any attempt ran (0)
         assert shown >= 1 or (status == "cancelled" and started == 0)
-        if status == "succeeded":
+        if status == "succeeded" and not isinstance(self.stream[-2], Planned):
             assert self.state.error is None and self.state.state_version is not None
-        if status in ("failed", "cancelled"):
+        if status in ("failed", "cancelled", "discarded"):
             assert self.state.error is not None
+        if status == "planned":
+            assert self.state.plan is not None and self.state.plan.awaits_approval
         view = view_of(records(self.stream))
         assert view.status == status
         assert view.version == len(self.stream)
@@ -1202,6 +1349,21 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(budget=st.integers(0, 3))
     def replay(self, budget: int) -> None:
         self.h.apply(Replay(by="admin:root", budget=budget))
+
+    @rule(cmd=plan_made)
+    def plan(self, cmd: PlanMade) -> None:
+        self.h.apply(cmd)
+
+    @rule()
+    def approve_current(self) -> None:
+        plan = self.h.state.plan
+        self.h.apply(
+            Approve(by="user:ann", state_version=plan.base_state_version if plan else None)
+        )
+
+    @rule()
+    def discard(self) -> None:
+        self.h.apply(Discard(by="user:ann"))
 
     @invariant()
     def consistent(self) -> None:

@@ -58,6 +58,7 @@ from service.api.auth import SECURITY, require_admin, token_of, visible_deploy
 from service.api.errors import Malformed
 from service.api.schemas import DeployOut, EventOut, error_responses
 from service.auth import Principal, authenticate
+from service.lifecycle import TERMINAL_STATUSES
 from service.logs import LogLine, read_logs
 from service.notify import Batch, Hub, Subscription, hub_of
 from service.projection import DeployView, StoredEvent, view_of
@@ -66,7 +67,6 @@ from service.services import Services
 log = logging.getLogger("tfdeploy.api.streams")
 T = TypeVar("T")
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 # The last seq written before event ``version`` existed: where a resume from id "v" starts.
 LOG_SEQ_BEFORE_VERSION = """
