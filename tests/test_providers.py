@@ -485,6 +485,11 @@ async def test_unreachable_source_leaves_the_provider_to_the_run(tmp_path, null_
     assert prepared.setup.mounts == {}
     assert prepared.notes and "not cached" in prepared.notes[0]
     assert 'url     = "https://127.0.0.1:9/"' in prepared.setup.cli_config  # the run may try itself
+    # The failure is remembered for a while: the next deploys do not wait for it in turn.
+    started = time.monotonic()
+    again = await asyncio.gather(*(providers.setup({"main.tf": null_config()}, None) for _ in range(3)))
+    assert time.monotonic() - started < 5
+    assert all("ago" in p.notes[0] for p in again), [p.notes for p in again]
 
 
 async def test_cache_lookup_hashes_a_package_put_there_by_hand(tmp_path, null_binary):

@@ -55,6 +55,9 @@ from service.providers.requirements import (
 
 log = logging.getLogger("tfdeploy.providers")
 
+# A fill that failed is not tried again for this long (in this process): deploys that start
+# together, or follow each other, do not each wait for an unreachable source in turn.
+FAILURE_MEMORY = 60.0
 LOCK_POLL_MIN = 0.02
 LOCK_POLL_MAX = 0.25
 OUTPUT_TAIL = 4000
@@ -116,6 +119,7 @@ class ProviderCache:
         self.methods = list(methods)
         self.environ = environ
         self.timeout = timeout
+        self._failures: dict[tuple[Provider, str | None, tuple[str, ...], LockEntry | None], tuple[float, str]] = {}
         for sub in ("providers", "meta", "locks", "staging"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         # Runs read providers/ as another user (Docker: nobody).
@@ -182,12 +186,20 @@ class ProviderCache:
             found = self.lookup(provider, version)
             if found is not None:
                 return found
+        key = (provider, version, tuple(sorted(set(constraints))), lock_entry)
         async with self._lock(provider):
             if version is not None:
                 found = self.lookup(provider, version)  # filled while we waited
                 if found is not None:
                     return found
-            return await self._fill(provider, version, constraints, lock_entry)
+            failed = self._failures.get(key)
+            if failed is not None and time.monotonic() - failed[0] < FAILURE_MEMORY:
+                raise FillError(f"{failed[1]} ({time.monotonic() - failed[0]:.0f}s ago)")
+            try:
+                return await self._fill(provider, version, constraints, lock_entry)
+            except FillError as exc:
+                self._failures[key] = (time.monotonic(), str(exc))
+                raise
 
     @contextlib.asynccontextmanager
     async def _lock(self, provider: Provider) -> AsyncIterator[None]:
