@@ -419,6 +419,8 @@ async def test_four_runs_on_a_cold_cache_download_once(tmp_path, network_mirror,
     prepared = await asyncio.gather(*(providers.setup(files, None) for _ in range(4)))
     assert network_mirror.total_downloads == 1, network_mirror.downloads
     assert sum(len(p.fetched) for p in prepared) == 1
+    # One resolution for the four: the others waited for it and took its answer.
+    assert network_mirror.requests[f"/{NULL_ADDRESS}/index.json"] == 1
     for p in prepared:
         assert p.setup.mounts == {CACHE_PATH: str(tmp_path / "cache" / "providers")}
         assert f'exclude = ["{NULL_ADDRESS}"]' in p.setup.cli_config

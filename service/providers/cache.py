@@ -58,6 +58,10 @@ log = logging.getLogger("tfdeploy.providers")
 # A fill that failed is not tried again for this long (in this process): deploys that start
 # together, or follow each other, do not each wait for an unreachable source in turn.
 FAILURE_MEMORY = 60.0
+# A version resolved from constraints is taken as the newest for this long (in this process):
+# deploys that start together, or follow each other, do not each ask the source again. A
+# release published meanwhile is picked up by the next resolution after it.
+RESOLUTION_MEMORY = 60.0
 LOCK_POLL_MIN = 0.02
 LOCK_POLL_MAX = 0.25
 OUTPUT_TAIL = 4000
@@ -119,6 +123,7 @@ class ProviderCache:
         self.methods = list(methods)
         self.environ = environ
         self.timeout = timeout
+        self._resolved: dict[tuple[Provider, tuple[str, ...]], tuple[float, str]] = {}
         self._failures: dict[tuple[Provider, str | None, tuple[str, ...], LockEntry | None], tuple[float, str]] = {}
         for sub in ("providers", "meta", "locks", "staging"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -182,24 +187,35 @@ class ProviderCache:
         lock file's), else the newest the operator's sources offer within ``constraints``.
         Fetched if missing, once per host however many callers ask at once. FillError if it
         cannot be (terraform's message)."""
-        if version is not None:
-            found = self.lookup(provider, version)
+        wanted = tuple(sorted(set(constraints)))
+        found = self._known(provider, version, wanted)
+        if found is not None:
+            return found
+        key = (provider, version, wanted, lock_entry)
+        async with self._lock(provider):
+            found = self._known(provider, version, wanted)  # filled while we waited
             if found is not None:
                 return found
-        key = (provider, version, tuple(sorted(set(constraints))), lock_entry)
-        async with self._lock(provider):
-            if version is not None:
-                found = self.lookup(provider, version)  # filled while we waited
-                if found is not None:
-                    return found
             failed = self._failures.get(key)
             if failed is not None and time.monotonic() - failed[0] < FAILURE_MEMORY:
                 raise FillError(f"{failed[1]} ({time.monotonic() - failed[0]:.0f}s ago)")
             try:
-                return await self._fill(provider, version, constraints, lock_entry)
+                result = await self._fill(provider, version, constraints, lock_entry)
             except FillError as exc:
                 self._failures[key] = (time.monotonic(), str(exc))
                 raise
+            if version is None:
+                self._resolved[(provider, wanted)] = (time.monotonic(), result.version)
+            return result
+
+    def _known(self, provider: Provider, version: str | None, constraints: tuple[str, ...]) -> Cached | None:
+        """The cached package for an exact version, or for constraints resolved lately."""
+        if version is None:
+            resolved = self._resolved.get((provider, constraints))
+            if resolved is None or time.monotonic() - resolved[0] >= RESOLUTION_MEMORY:
+                return None
+            version = resolved[1]
+        return self.lookup(provider, version)
 
     @contextlib.asynccontextmanager
     async def _lock(self, provider: Provider) -> AsyncIterator[None]:
