@@ -191,7 +191,7 @@ class Providers:
             offline += include
         # The operator's filesystem mirrors are host paths, not in the run: their providers
         # reach runs through the cache.
-        methods += [m.excluding(offline) for m in self.methods if m.kind != "filesystem_mirror"]
+        methods += [m.excluding(sorted(offline)) for m in self.methods if m.kind != "filesystem_mirror"]
         return ProviderSetup(mounts=mounts, cli_config=render(methods), env={})
 
     # ---------------------------------------------------------------- RunRequest fields
