@@ -494,6 +494,23 @@ async def test_unreachable_source_leaves_the_provider_to_the_run(tmp_path, null_
     assert all("ago" in p.notes[0] for p in again), [p.notes for p in again]
 
 
+@needs_terraform
+async def test_operators_local_plugins_reach_runs_through_the_cache(tmp_path, null_binary):
+    """Terraform's implied local plugin directory (no provider_installation block): fills take
+    the provider from it; terraform links it there, so the cache copies it (runs cannot see the
+    operator's directories) and runs read the copy."""
+    plugins = build_mirror(tmp_path / "home" / ".terraform.d" / "plugins")
+    providers = providers_for_test(tmp_path)
+    prepared = await providers.setup({"main.tf": null_config()}, None)
+    assert prepared.fetched == [f"{NULL_ADDRESS} {NULL_VERSION}"], prepared.notes
+    cached = tmp_path / "cache" / "providers" / NULL_ADDRESS / NULL_VERSION / PLATFORM
+    assert cached.is_dir() and not cached.is_symlink()
+    assert (plugins / NULL_ADDRESS / NULL_VERSION / PLATFORM / null_binary.name).is_file()
+    assert "direct" in prepared.setup.cli_config and str(plugins) not in prepared.setup.cli_config
+    run = run_offline(tmp_path / "w", prepared.setup, {"main.tf": null_config()})
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 async def test_cache_lookup_hashes_a_package_put_there_by_hand(tmp_path, null_binary):
     cache = ProviderCache(tmp_path / "cache", terraform="terraform", platform=PLATFORM, methods=[], environ={})
     target = cache.package_dir(NULL, NULL_VERSION)

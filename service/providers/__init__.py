@@ -169,7 +169,7 @@ class Providers:
                     + (" (fetched now)" if result.fetched else "")
                 )
         elif wanted and cache is None:
-            notes.append("no provider cache (no terraform on the worker's host): providers left to terraform init")
+            notes.append("no provider cache (see above, or no terraform on the worker's host): providers left to terraform init")
 
         if augmented:
             lock_file = render_lock_file({**locked, **augmented}.values())
@@ -233,15 +233,19 @@ class Providers:
                 notes.append(f"{self.terraform} version failed: providers not cached")
                 return None
             self._platform = platform
-            self._cache = await asyncio.to_thread(
-                ProviderCache,
-                self.cache_root,
-                terraform=self.terraform,
-                platform=platform,
-                methods=self.methods,
-                environ=self.environ,
-                timeout=self.timeout,
-            )
+            try:
+                self._cache = await asyncio.to_thread(
+                    ProviderCache,
+                    self.cache_root,
+                    terraform=self.terraform,
+                    platform=platform,
+                    methods=self.methods,
+                    environ=self.environ,
+                    timeout=self.timeout,
+                )
+            except OSError as exc:
+                notes.append(f"provider cache {self.cache_root} unusable ({exc}): providers not cached")
+                return None
             return self._cache
 
     async def _terraform_platform(self) -> str | None:

@@ -188,12 +188,13 @@ class ProviderCache:
         Fetched if missing, once per host however many callers ask at once. FillError if it
         cannot be (terraform's message)."""
         wanted = tuple(sorted(set(constraints)))
-        found = self._known(provider, version, wanted)
+        found = await asyncio.to_thread(self._known, provider, version, wanted)
         if found is not None:
             return found
         key = (provider, version, wanted, lock_entry)
         async with self._lock(provider):
-            found = self._known(provider, version, wanted)  # filled while we waited
+            # Filled while we waited?
+            found = await asyncio.to_thread(self._known, provider, version, wanted)
             if found is not None:
                 return found
             failed = self._failures.get(key)
@@ -245,27 +246,8 @@ class ProviderCache:
         constraints: Sequence[str],
         lock_entry: LockEntry | None,
     ) -> Cached:
-        staging_root = self.root / "staging"
-        # Under the provider's lock, any staging dir of this provider is a dead fill's.
-        for stale in staging_root.glob(f"{_key(provider)}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{_key(provider)}-", dir=staging_root))
+        staging = await asyncio.to_thread(self._stage, provider, version, constraints, lock_entry)
         try:
-            wanted = f"= {version}" if version is not None else ", ".join(sorted(set(constraints)))
-            version_line = f'\n      version = "{wanted}"' if wanted else ""
-            (staging / "main.tf").write_text(
-                "terraform {\n  required_providers {\n"
-                f'    p = {{\n      source  = "{provider}"{version_line}\n    }}\n'
-                "  }\n}\n"
-            )
-            if lock_entry is not None:
-                # The download is checked against the run's own lock file.
-                (staging / LOCK_FILE_NAME).write_text(render_lock_file([lock_entry]))
-            methods = self.methods
-            if version is None:
-                # Resolving: a version already here is linked, not downloaded again.
-                methods = [Method("filesystem_mirror", str(self.providers_dir), (str(provider),)), *methods]
-            (staging / "cli.tfrc").write_text(render(methods))
             env = {k: v for k, v in self.environ.items() if k not in _DROPPED_ENV and not k.startswith("TF_CLI_ARGS")}
             env.update(
                 TF_CLI_CONFIG_FILE=str(staging / "cli.tfrc"),
@@ -275,45 +257,85 @@ class ProviderCache:
             )
             started = time.monotonic()
             await self._run(["init", "-input=false", "-no-color", "-backend=false"], staging, env)
-            try:
-                entries = parse_lock_file((staging / LOCK_FILE_NAME).read_text())
-            except (OSError, LockFileError) as exc:
-                raise FillError(f"{provider}: terraform init wrote no usable lock file: {exc}") from None
-            entry = entries.get(provider)
-            if entry is None:
-                raise FillError(f"{provider}: terraform init did not install it")
-            installed = staging / ".terraform" / "providers" / provider.hostname / provider.namespace / provider.type / entry.version / self.platform
-            if installed.is_symlink():
+            # Hashing and moving a package (hundreds of MB for some) is no work for the loop.
+            cached = await asyncio.to_thread(self._adopt, staging, provider)
+            if cached.fetched:
+                log.info(
+                    "provider %s %s fetched into the cache (%d bytes, %.1fs)",
+                    provider, cached.version, cached.size, time.monotonic() - started,
+                )
+            return cached
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+
+    def _stage(
+        self, provider: Provider, version: str | None, constraints: Sequence[str], lock_entry: LockEntry | None
+    ) -> Path:
+        """A private directory with the fill's configuration, lock file and CLI config."""
+        staging_root = self.root / "staging"
+        # Under the provider's lock, any staging dir of this provider is a dead fill's.
+        for stale in staging_root.glob(f"{_key(provider)}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{_key(provider)}-", dir=staging_root))
+        wanted = f"= {version}" if version is not None else ", ".join(sorted(set(constraints)))
+        version_line = f'\n      version = "{wanted}"' if wanted else ""
+        (staging / "main.tf").write_text(
+            "terraform {\n  required_providers {\n"
+            f'    p = {{\n      source  = "{provider}"{version_line}\n    }}\n'
+            "  }\n}\n"
+        )
+        if lock_entry is not None:
+            # The download is checked against the run's own lock file.
+            (staging / LOCK_FILE_NAME).write_text(render_lock_file([lock_entry]))
+        methods = self.methods
+        if version is None:
+            # Resolving: a version already here is linked, not downloaded again.
+            methods = [Method("filesystem_mirror", str(self.providers_dir), (str(provider),)), *methods]
+        (staging / "cli.tfrc").write_text(render(methods))
+        return staging
+
+    def _adopt(self, staging: Path, provider: Provider) -> Cached:
+        """Move the package the fill's init installed into the cache (or find it there)."""
+        try:
+            entries = parse_lock_file((staging / LOCK_FILE_NAME).read_text())
+        except (OSError, LockFileError) as exc:
+            raise FillError(f"{provider}: terraform init wrote no usable lock file: {exc}") from None
+        entry = entries.get(provider)
+        if entry is None:
+            raise FillError(f"{provider}: terraform init did not install it")
+        installed = staging / ".terraform" / "providers" / provider.hostname / provider.namespace / provider.type / entry.version / self.platform
+        if installed.is_symlink():
+            # Terraform links a package from an unpacked filesystem mirror: the cache's own
+            # (already here), or one of the operator's, which runs cannot see: copy that.
+            real = Path(os.path.realpath(installed))
+            if self.providers_dir.resolve() in real.parents:
                 found = self.lookup(provider, entry.version)
                 if found is None:
                     raise FillError(f"{provider} {entry.version}: linked from the cache but not in it")
                 return found
-            if not installed.is_dir():
-                raise FillError(f"{provider} {entry.version}: no package for {self.platform}")
-            h1 = hash_dir(installed)
-            size = tree_bytes(installed)
-            _readable(installed)
-            target = self.package_dir(provider, entry.version)
-            self._write_meta(provider, entry.version, h1, (*entry.hashes, h1), size)
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            _readable_parents(target.parent, self.providers_dir)
-            try:
-                os.rename(installed, target)
-            except OSError as exc:
-                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                # Put there outside our lock (by hand): keep what is there.
-                found = self.lookup(provider, entry.version)
-                if found is None:
-                    raise
-                return found
-            log.info(
-                "provider %s %s fetched into the cache (%d bytes, %.1fs)",
-                provider, entry.version, size, time.monotonic() - started,
-            )
-            return Cached(provider, entry.version, self.platform, target, h1, tuple(sorted({*entry.hashes, h1})), size, fetched=True)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, staging, True)
+            installed = staging / "copy"
+            shutil.copytree(real, installed, symlinks=False)
+        if not installed.is_dir():
+            raise FillError(f"{provider} {entry.version}: no package for {self.platform}")
+        h1 = hash_dir(installed)
+        size = tree_bytes(installed)
+        _readable(installed)
+        target = self.package_dir(provider, entry.version)
+        self._write_meta(provider, entry.version, h1, (*entry.hashes, h1), size)
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        _readable_parents(target.parent, self.providers_dir)
+        try:
+            os.rename(installed, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            # Put there outside our lock (by hand): keep what is there.
+            found = self.lookup(provider, entry.version)
+            if found is None:
+                raise
+            return found
+        vouched = tuple(sorted({*entry.hashes, h1}))
+        return Cached(provider, entry.version, self.platform, target, h1, vouched, size, fetched=True)
 
     async def _run(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
         proc = await asyncio.create_subprocess_exec(
