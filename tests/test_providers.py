@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -446,6 +447,35 @@ async def test_four_runs_on_a_cold_cache_download_once(tmp_path, network_mirror,
     cached = tmp_path / "cache" / "providers" / NULL_ADDRESS / NULL_RELABELLED / PLATFORM
     assert [p.name for p in cached.iterdir()] == [null_binary.name]
     assert not list((tmp_path / "cache" / "staging").iterdir())
+
+
+FILL_IN_ANOTHER_PROCESS = """
+import asyncio, json, sys
+from service.providers import Providers
+from service.settings import from_env
+settings = from_env({}, data_dir=sys.argv[1], provider_cache=sys.argv[2])
+prepared = asyncio.run(Providers(settings, environ=json.loads(sys.argv[3])).setup({"main.tf": sys.argv[4]}, None))
+print(json.dumps(prepared.fetched))
+"""
+
+
+@needs_terraform
+async def test_worker_processes_on_one_host_share_one_download(tmp_path, network_mirror):
+    """The flock is the host's: three worker processes filling at once, one download."""
+    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(tmp_path / "home"),
+           "XDG_DATA_DIRS": str(tmp_path / "none"), **operator_env(tmp_path, network_mirror)}
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FILL_IN_ANOTHER_PROCESS, str(tmp_path / f"data{i}"), str(tmp_path / "cache"),
+            json.dumps(env), null_config(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        for i in range(3)
+    ]
+    outputs = [await p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err.decode()[-2000:] for _, err in outputs]
+    fetched = [json.loads(out) for out, _ in outputs]
+    assert sorted(len(f) for f in fetched) == [0, 0, 1], fetched
+    assert network_mirror.total_downloads == 1
 
 
 @needs_terraform
