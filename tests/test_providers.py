@@ -541,6 +541,27 @@ async def test_operators_local_plugins_reach_runs_through_the_cache(tmp_path, nu
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+@needs_terraform
+async def test_fills_contact_only_allowed_registry_hosts(tmp_path, null_binary):
+    """A configuration names the provider's host; the worker's host installs directly only from
+    TFDEPLOY_PROVIDER_DIRECT_HOSTS (default: the public registry)."""
+    files = {"main.tf": 'terraform {\n  required_providers {\n    t = { source = "10.0.0.1:8443/corp/thing" }\n  }\n}\n'}
+    providers = providers_for_test(tmp_path)
+    started = time.monotonic()
+    prepared = await providers.setup(files, None)
+    assert time.monotonic() - started < 5  # no terraform run, no connection attempt
+    assert "TFDEPLOY_PROVIDER_DIRECT_HOSTS" in prepared.notes[0], prepared.notes
+    assert not list((tmp_path / "cache" / "staging").iterdir())
+    # Through the operator's own mirror any host is fine: the mirror is contacted, not the host.
+    cache = ProviderCache(tmp_path / "c2", terraform="terraform", platform=PLATFORM, environ={},
+                          methods=[Method("network_mirror", "https://mirror.example/"), Method("direct")],
+                          direct_hosts=["registry.terraform.io"])
+    thing = Provider.parse("10.0.0.1:8443/corp/thing")
+    assert thing is not None
+    assert [m.kind for m in cache.methods_for(thing)] == ["network_mirror"]
+    assert [m.kind for m in cache.methods_for(NULL)] == ["network_mirror", "direct"]
+
+
 async def test_cache_lookup_hashes_a_package_put_there_by_hand(tmp_path, null_binary):
     cache = ProviderCache(tmp_path / "cache", terraform="terraform", platform=PLATFORM, methods=[], environ={})
     target = cache.package_dir(NULL, NULL_VERSION)

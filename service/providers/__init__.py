@@ -90,6 +90,7 @@ class Providers:
         self.mirror = Path(settings.provider_mirror).expanduser().resolve() if settings.provider_mirror else None
         self.cache_root = settings.provider_cache_path
         self.timeout = settings.deploy_timeout
+        self.direct_hosts = settings.provider_direct_hosts.split(",")
         self.terraform = terraform or self.environ.get("TFDEPLOY_TERRAFORM") or shutil.which(
             "terraform", path=self.environ.get("PATH")
         )
@@ -242,6 +243,7 @@ class Providers:
                     methods=self.methods,
                     environ=self.environ,
                     timeout=self.timeout,
+                    direct_hosts=self.direct_hosts,
                 )
             except OSError as exc:
                 notes.append(f"provider cache {self.cache_root} unusable ({exc}): providers not cached")

@@ -115,6 +115,7 @@ class ProviderCache:
         methods: Sequence[Method],
         environ: Mapping[str, str],
         timeout: float = 3600.0,
+        direct_hosts: Sequence[str] = ("*",),
     ) -> None:
         self.root = root
         self.providers_dir = root / "providers"
@@ -123,6 +124,7 @@ class ProviderCache:
         self.methods = list(methods)
         self.environ = environ
         self.timeout = timeout
+        self.direct_hosts = {h.strip().lower() for h in direct_hosts if h.strip()}
         self._resolved: dict[tuple[Provider, tuple[str, ...]], tuple[float, str]] = {}
         self._failures: dict[tuple[Provider, str | None, tuple[str, ...], LockEntry | None], tuple[float, str]] = {}
         for sub in ("providers", "meta", "locks", "staging"):
@@ -272,6 +274,15 @@ class ProviderCache:
         self, provider: Provider, version: str | None, constraints: Sequence[str], lock_entry: LockEntry | None
     ) -> Path:
         """A private directory with the fill's configuration, lock file and CLI config."""
+        methods = self.methods_for(provider)
+        if not any(_handles(m, provider) for m in methods):
+            raise FillError(
+                f"{provider}: no installation method the worker's host may use for it (direct "
+                f"installation from {provider.hostname} is not in TFDEPLOY_PROVIDER_DIRECT_HOSTS)"
+            )
+        if version is None:
+            # Resolving: a version already here is linked, not downloaded again.
+            methods = [Method("filesystem_mirror", str(self.providers_dir), (str(provider),)), *methods]
         staging_root = self.root / "staging"
         # Under the provider's lock, any staging dir of this provider is a dead fill's.
         for stale in staging_root.glob(f"{_key(provider)}-*"):
@@ -287,12 +298,15 @@ class ProviderCache:
         if lock_entry is not None:
             # The download is checked against the run's own lock file.
             (staging / LOCK_FILE_NAME).write_text(render_lock_file([lock_entry]))
-        methods = self.methods
-        if version is None:
-            # Resolving: a version already here is linked, not downloaded again.
-            methods = [Method("filesystem_mirror", str(self.providers_dir), (str(provider),)), *methods]
         (staging / "cli.tfrc").write_text(render(methods))
         return staging
+
+    def methods_for(self, provider: Provider) -> list[Method]:
+        """The operator's methods a fill of ``provider`` may use: ``direct`` only for the
+        allowed registry hosts (the hostname comes from user input)."""
+        if "*" in self.direct_hosts or provider.hostname in self.direct_hosts:
+            return list(self.methods)
+        return [m for m in self.methods if m.kind != "direct"]
 
     def _adopt(self, staging: Path, provider: Provider) -> Cached:
         """Move the package the fill's init installed into the cache (or find it there)."""
@@ -355,6 +369,26 @@ class ProviderCache:
         if proc.returncode != 0:
             text = out.decode(errors="replace").strip()
             raise FillError(text[-OUTPUT_TAIL:] or f"terraform init exited with {proc.returncode}")
+
+
+def _handles(method: Method, provider: Provider) -> bool:
+    """terraform's CanHandleProvider for one method (exclude wins; no include = all)."""
+    def matches(patterns: Sequence[str]) -> bool:
+        for pattern in patterns:
+            parts = pattern.lower().split("/")
+            if len(parts) == 2:
+                parts = ["registry.terraform.io", *parts]
+            if len(parts) != 3:
+                continue
+            host, namespace, type_ = parts
+            if (host in ("*", provider.hostname) and namespace in ("*", provider.namespace)
+                    and type_ in ("*", provider.type)):
+                return True
+        return False
+
+    if matches(method.exclude):
+        return False
+    return not method.include or matches(method.include)
 
 
 def _key(provider: Provider) -> str:
