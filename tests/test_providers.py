@@ -674,7 +674,15 @@ async def deploying(database_url, tmp_path, runner_kind, runner_image, environ=N
     values.update(overrides)
     settings = from_env({}, **values)
     services = await open_services(settings, database_url)
-    worker = Worker(services, name="providers-test")
+    runner = None
+    if runner_kind == "docker":
+        import secrets
+
+        from service.runners.docker import DockerRunner
+
+        # A label value of its own: the engine's cap is shared with other tests and sessions.
+        runner = DockerRunner(settings, service_name=f"tfdeploy-test-{secrets.token_hex(4)}")
+    worker = Worker(services, name="providers-test", runner=runner)
     env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(tmp_path / "home"),
            "XDG_DATA_DIRS": str(tmp_path / "no-data-dirs"), **(environ or {})}
     worker.deployer.providers = Providers(settings, environ=env)
