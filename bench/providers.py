@@ -104,9 +104,12 @@ def local_run(cli_config: str, files: dict[str, str], env_extra: dict[str, str] 
         env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(d), "TMPDIR": str(d / ".tmp"),
                "CHECKPOINT_DISABLE": "1", "TF_IN_AUTOMATION": "1", "TF_CLI_CONFIG_FILE": str(d / ".cli.tfrc"),
                **(env_extra or {})}
-        wrap = ([shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                 "--bind", str(d), str(d), "--unshare-net", "--die-with-parent", "--chdir", str(d)]
-                if shutil.which("bwrap") else [])
+        wrap: list[str] = []
+        if shutil.which("bwrap"):
+            wrap = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                    "--bind", str(d), str(d), "--unshare-net", "--die-with-parent", "--chdir", str(d)]
+        elif os.geteuid() == 0 and shutil.which("unshare"):
+            wrap = ["unshare", "--net", "--"]
         t0 = time.perf_counter()
         for args in (INIT, APPLY):
             subprocess.run([*wrap, TERRAFORM, *args], cwd=d, env=env, check=True, capture_output=True)

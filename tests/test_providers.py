@@ -114,9 +114,9 @@ def operator_env(tmp_path: Path, mirror: NetworkMirror) -> dict[str, str]:
 def run_offline(workdir: Path, setup: ProviderSetup, files: dict[str, str], *, lock_file: str | None = None,
                 commands: tuple[str, ...] = ("init", "apply")) -> subprocess.CompletedProcess[str]:
     """terraform in ``workdir`` with the setup's CLI config (host paths, as an unsandboxed
-    local run sees them) and NO network: its own network namespace with only a loopback."""
-    if BWRAP is None:
-        pytest.skip("bubblewrap is not installed")
+    local run sees them) and NO network: its own network namespace with only a loopback
+    (bubblewrap, else ``unshare --net`` as root)."""
+    isolate = offline_prefix(workdir)
     assert TERRAFORM is not None
     workdir.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
@@ -135,10 +135,17 @@ def run_offline(workdir: Path, setup: ProviderSetup, files: dict[str, str], *, l
         "TF_CLI_CONFIG_FILE": str(workdir / ".cli.tfrc"), "CHECKPOINT_DISABLE": "1", **host.env,
     }
     return subprocess.run(
-        [BWRAP, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--bind", str(workdir), str(workdir),
-         "--unshare-net", "--die-with-parent", "--chdir", str(workdir), "sh", "-c", script],
-        env=env, capture_output=True, text=True, timeout=120,
+        [*isolate, "sh", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=120,
     )
+
+
+def offline_prefix(workdir: Path) -> list[str]:
+    if BWRAP is not None:
+        return [BWRAP, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--bind", str(workdir),
+                str(workdir), "--unshare-net", "--die-with-parent", "--chdir", str(workdir)]
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        return ["unshare", "--net", "--"]
+    pytest.skip("neither bubblewrap nor unshare (as root) to run terraform without a network")
 
 
 def locked_version(workdir: Path) -> str:
