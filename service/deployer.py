@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from service import store
+from service import lockfiles, store
 from service.deploys import Deploys, NotFound
 from service.lifecycle import (
     AttemptFailed,
@@ -33,6 +33,7 @@ from service.lifecycle import (
     fold,
 )
 from service.logs import append_lines
+from service.providers import Providers
 from service.queries import q
 from service.queue import WorkerStopping
 from service.runners.base import Runner, RunnerError, RunRequest, RunResult
@@ -132,6 +133,8 @@ class Deployer:
         self.runner = runner
         self.state_store = state_store
         self.box = secret_box
+        # Providers: mirror, host cache, the run's CLI config (docs/providers.md).
+        self.providers = Providers(settings)
         self.worker = worker_name or default_worker_name()
         self.actor = f"worker:{self.worker}"
         #: deploys whose attempt runs in this process now: recovery leaves them alone, and the
@@ -210,6 +213,7 @@ class Deployer:
             cur = await conn.execute(q("get_secrets"), {"deploy_id": deploy_id})
             row = await cur.fetchone()
             latest = await index.latest(conn, workspace)
+            kept_lock = await lockfiles.latest(conn, workspace)
         secrets = self.box.decrypt(bytes(row[0])) if row else {}
         start_state = None
         if latest is not None:
@@ -219,7 +223,9 @@ class Deployer:
             attempt=attempt,
             workspace=workspace,
             action=action,  # type: ignore[arg-type]
-            files=files,
+            # The files, the lock file to use and how providers install (a host-side fill of
+            # the provider cache may happen here, before the run takes a place under the cap).
+            **await self.providers.run_inputs(files, kept_lock),
             state=start_state,
             variables=variables,
             secrets=secrets,
@@ -322,7 +328,9 @@ class Deployer:
         if changed:
             assert result.state is not None
             try:
-                persisted = await self._persist(deploy_id, request, result.state)
+                persisted = await self._persist(
+                    deploy_id, request, result.state, lock_file=lockfiles.from_result(result) if ok else None
+                )
             except (StateStoreError, ValueError) as exc:
                 await writer.line("system", f"state could not be persisted: {exc}")
                 await self._destroy_unkept(deploy_id, request, result.state, str(exc), writer)
@@ -383,7 +391,9 @@ class Deployer:
             lambda: self.deploys.execute(deploy_id, command, self.actor),
         )
 
-    async def _persist(self, deploy_id: str, request: RunRequest, content: bytes) -> PersistedState:
+    async def _persist(
+        self, deploy_id: str, request: RunRequest, content: bytes, *, lock_file: bytes | None = None
+    ) -> PersistedState:
         serial, lineage, sha256, size = index.state_meta(content)
         workspace = request.workspace
         async with self.pool.connection() as conn:
@@ -393,6 +403,8 @@ class Deployer:
             await index.record_version(
                 conn, workspace, version, deploy_id, request.attempt, stored, serial, lineage, sha256, size
             )
+            if lock_file is not None:  # a successful run's: the next deploy starts from it
+                await lockfiles.save(conn, workspace, version, lock_file)
         return PersistedState(
             workspace=workspace,
             store=stored.store,

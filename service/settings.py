@@ -72,6 +72,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # -- providers (docs/providers.md)
     provider_mirror: str | None = None  # a filesystem mirror, packed or unpacked layout
     provider_cache: str | None = None  # default: <data dir>/provider-cache
+    # Registry hosts the worker's host may install providers from directly (`direct`) to fill
+    # the cache, comma-separated; "*" for any. A user's configuration names the host, so this
+    # bounds where user input sends the worker's host (other hosts: only through the operator's
+    # mirrors, else left to the run's own init).
+    provider_direct_hosts: str = "registry.terraform.io"
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [

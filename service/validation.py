@@ -36,6 +36,8 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "FILE_SUFFIXES",
     "HCL_PARSE_BUDGET",
+    "LOCK_FILE_NAME",
+    "MAX_LOCK_FILE_BYTES",
     "MAX_FILES",
     "MAX_NAME_LENGTH",
     "MAX_NESTING",
@@ -82,6 +84,11 @@ SAFE_NAME = re.compile(rf"\A{_SEGMENT}(?:/{_SEGMENT})*\Z")
 #: Accepted suffixes (checked case-sensitively, as terraform does). ``.auto.tfvars`` and
 #: ``.tfvars.json`` are covered by ``.tfvars`` and ``.json``.
 FILE_SUFFIXES = (".tf", ".tf.json", ".tfvars", ".tfvars.json", ".json")
+#: The dependency lock file: accepted under exactly this name, at the top level only (where
+#: terraform reads it), checked as HCL like the .tf files (docs/providers.md).
+LOCK_FILE_NAME = ".terraform.lock.hcl"
+#: A lock file holds about a kilobyte per provider; anything much larger is not one.
+MAX_LOCK_FILE_BYTES = 128 * 1024
 WORKSPACE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 VARIABLE_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_-]*\Z")
 
@@ -196,9 +203,12 @@ def check_file_name(name: str) -> None:
     """Raise :class:`InvalidRequest` (422) unless ``name`` is a safe relative file name that
     terraform reads and that the service may write: segments of ``[A-Za-z0-9._-]`` separated by
     ``/``, no empty/``.``/``..``/hidden/``-``-leading segment, at most 255 characters, ending in
-    ``.tf``, ``.tf.json``, ``.tfvars``, ``.tfvars.json`` or ``.json``, and no ``*.tfstate*``."""
+    ``.tf``, ``.tf.json``, ``.tfvars``, ``.tfvars.json`` or ``.json``, and no ``*.tfstate*``.
+    The one exception is the lock file, :data:`LOCK_FILE_NAME`, at the top level."""
     if not isinstance(name, str):
         raise _invalid(f"file name must be a string, not {type(name).__name__}")
+    if name == LOCK_FILE_NAME:
+        return
     if not name:
         raise _invalid("file name must not be empty")
     shown = _show(name)
@@ -398,6 +408,10 @@ def _check_contents(files: dict[str, str], hcl_parse_budget: int | None) -> None
         if "\x00" in content:
             # Not text (terraform refuses it too), and PostgreSQL cannot store it.
             raise _invalid(f"file {_show(name)} contains a NUL character")
+        if name == LOCK_FILE_NAME and _utf8_len(content, name) > MAX_LOCK_FILE_BYTES:
+            raise InvalidRequest(
+                413, f"{name} is too large (at most {MAX_LOCK_FILE_BYTES} bytes)"
+            )
         if name.endswith(".json"):
             _check_json(name, content)
             continue

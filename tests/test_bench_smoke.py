@@ -23,6 +23,7 @@ SCRIPTS = [
     ("cap.py", [], "## Cap utilisation"),
     ("fanout.py", [], "## SSE fan-out"),
     ("replay.py", [], "## Projection rebuild"),
+    ("providers.py", [], "## Providers"),
 ]
 
 

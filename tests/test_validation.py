@@ -380,7 +380,7 @@ REFUSED_NAMES = [
     ".hidden.tf",
     "a/.hidden/b.tf",
     ".terraform/x.tf",
-    ".terraform.lock.hcl",
+    "mod/.terraform.lock.hcl",  # the lock file is accepted at the top level only
     "a\\b.tf",
     "..\\x.tf",
     "C:\\x.tf",

@@ -120,7 +120,8 @@ DEPLOY_REQUEST_SCHEMA = Schema(
     properties={
         "files": _string_map(
             "Relative file name (`main.tf`, `modules/net/main.tf`) -> content: `.tf`, "
-            "`.tf.json`, `.tfvars`, `.tfvars.json` or `.json`; no `backend` or `cloud` block."
+            "`.tf.json`, `.tfvars`, `.tfvars.json` or `.json`, and the lock file "
+            "`.terraform.lock.hcl` at the top level; no `backend` or `cloud` block."
         ),
         "workspace": Schema(type=OpenAPIType.STRING, default="default"),
         "variables": _string_map("Terraform variables (`-var`), not secret."),
