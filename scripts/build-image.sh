@@ -80,9 +80,21 @@ if [ "$(cat "$wheels/.stamp" 2>/dev/null)" != "$stamp" ]; then
   if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=${PYTHON:-python3}; fi
   log "wheelhouse: fetching $(wc -l < "$want") wheels for CPython 3.11 $arch"
   rm -rf "$wheels"
-  "$py" -m pip download -q --disable-pip-version-check --no-deps --only-binary :all: \
-    --python-version 3.11 --implementation cp --abi cp311 "${platforms[@]}" \
-    -d "$wheels" -r "$want"
+  fetch() {
+    "$py" -m pip download -q --disable-pip-version-check --no-deps --only-binary :all: \
+      --python-version 3.11 --implementation cp --abi cp311 "${platforms[@]}" -d "$wheels" "$@"
+  }
+  if ! fetch -r "$want" 2>/dev/null; then
+    # One at a time: a package published only as a source distribution is built into a wheel
+    # here, which suits the image only if it is pure Python.
+    while read -r pin; do
+      fetch "$pin" 2>/dev/null && continue
+      "$py" -m pip wheel -q --disable-pip-version-check --no-deps --no-binary :all: -w "$wheels" "$pin"
+      name=$(echo "${pin%%==*}" | tr 'A-Z.-' 'a-z__')
+      ls "$wheels" | tr 'A-Z' 'a-z' | grep -q "^${name}-.*-none-any\.whl$" \
+        || { log "$pin has no wheel for CPython 3.11 $arch and is not pure Python"; exit 1; }
+    done < "$want"
+  fi
   # Compiled extensions ship their debug symbols (uvloop's is 13 MB, 1.6 MB without): strip
   # them as Debian strips its own shared libraries, and write each wheel's RECORD anew.
   if command -v strip >/dev/null; then
