@@ -203,7 +203,12 @@ class HealthController(Controller):
         "/health",
         summary="Liveness and database reachability",
         responses={
-            503: ResponseSpec(data_container=HealthOut, description="The database is unreachable.")
+            # No invented example (service.api.schemas.error_responses says why).
+            503: ResponseSpec(
+                data_container=HealthOut,
+                description="The database is unreachable.",
+                generate_examples=False,
+            )
         },
     )
     async def health(self, services: Services) -> Response[HealthOut]:

@@ -13,6 +13,7 @@ from uuid import UUID
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
 
 from service.api.errors import Malformed
 from service.projection import DeployView, StoredEvent
@@ -40,9 +41,18 @@ _ERROR_MEANING = {
 
 
 def error_responses(*codes: int) -> dict[int, ResponseSpec]:
-    """OpenAPI documentation of the error answers a route may give (401 and 503 always)."""
+    """OpenAPI documentation of the error answers a route may give (401 and 503 always).
+
+    Examples are written out: litestar invents missing ones with polyfactory and faker, which
+    the service does not install (requirements.lock). Every ResponseSpec with a data container
+    needs ``generate_examples=False``."""
     return {
-        code: ResponseSpec(data_container=ErrorBody, description=_ERROR_MEANING[code])
+        code: ResponseSpec(
+            data_container=ErrorBody,
+            description=_ERROR_MEANING[code],
+            generate_examples=False,
+            examples=[Example(value={"status_code": code, "detail": _ERROR_MEANING[code]})],
+        )
         for code in sorted({401, 503, *codes})
     }
 
