@@ -247,15 +247,19 @@ class S3StateStore:
 
     # -- key rotation (service.rotation) -----------------------------------------------------
 
-    async def reseal(self, workspace: str, version: int, location: str) -> bool:
+    def reseal(self, workspace: str, version: int, location: str) -> bool:
         """Seal one stored version under the key ring's primary key, if it is not already
         (plain text from before encryption at rest, or an older key): True if it was rewritten.
-        The object is written again under its key, checked, and then the version it replaced
-        is deleted on a versioned bucket, so no copy under the old key (or in plain text) stays
-        behind. Safe to repeat and to run concurrently with deploys (a version's object never
-        changes content)."""
+        The object is written again under its key and checked, and then the version it
+        replaced is deleted on a versioned bucket, so no copy under the old key (or in plain
+        text) stays behind. Safe to repeat, and beside running deploys (the object of a
+        recorded version never changes content). Blocking: for ``tfdeploy keys rotate`` and
+        ``tfdeploy migrate``, not for the event loop."""
         bucket, key = self._parse(workspace, version, location)
-        return bool(await self._call(f"reseal {key}", self._reseal_sync, bucket, key))
+        try:
+            return self._reseal_sync(bucket, key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StateStoreError(_short(f"reseal {key}", exc)) from exc
 
     def _reseal_sync(self, bucket: str, key: str) -> bool:
         head = self.client.head_object(Bucket=bucket, Key=key)
