@@ -365,11 +365,16 @@ class EmbeddedPostgres:
         with self._superuser() as conn:
             for role in (OWNER_ROLE, SERVICE_ROLE):
                 ensure_role(conn, role, self._ensure_password(role))
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone()
-            if not exists:
+            row = conn.execute(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (DB_NAME,)
+            ).fetchone()
+            if row is None:
                 with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another process won
                     conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
                         sql.Identifier(DB_NAME), sql.Identifier(OWNER_ROLE)))
+            elif row[0] != OWNER_ROLE:  # made by an earlier version, as the superuser
+                conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                    sql.Identifier(DB_NAME), sql.Identifier(OWNER_ROLE)))
         with self._superuser(DB_NAME) as conn:
             give_to_owner(conn, OWNER_ROLE)
             conn.execute(sql.SQL(

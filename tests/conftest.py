@@ -125,6 +125,12 @@ def database_url(pg_cluster: EmbeddedPostgres) -> str:
 
 
 @pytest.fixture
+def superuser_database_url(database_url: str, pg_cluster: EmbeddedPostgres) -> str:
+    """``database_url``'s database as the cluster's superuser (administrators' SQL)."""
+    return as_role(database_url, pg_cluster, SUPERUSER)
+
+
+@pytest.fixture
 def empty_database_url(pg_cluster: EmbeddedPostgres) -> str:
     """A new EMPTY database (no migration applied), as the owner role."""
     return empty_database(pg_cluster)
