@@ -353,6 +353,13 @@ def test_a_cluster_of_the_previous_version_is_converted(cluster_dir, tmp_path):
             "WHERE relnamespace = 'public'::regnamespace"
         ).fetchall()
         assert owners == [(OWNER_ROLE,)]
+        for catalog, owner_col, ns_col in (("pg_proc", "proowner", "pronamespace"),
+                                           ("pg_type", "typowner", "typnamespace")):
+            found = conn.execute(
+                f"SELECT DISTINCT pg_get_userbyid({owner_col}) FROM {catalog} "
+                f"WHERE {ns_col} = 'public'::regnamespace"
+            ).fetchall()
+            assert found == [(OWNER_ROLE,)], catalog  # procrastinate's functions and enums too
         assert conn.execute(
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'tfdeploy'"
         ).fetchone() == (OWNER_ROLE,)
