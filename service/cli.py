@@ -142,7 +142,7 @@ async def _run(
     # An API request waits API_POOL_WAIT for a connection, then answers 503; a worker waits
     # psycopg_pool's default 30 s (its outcome appends retry on their own).
     async with services_for(settings, url, pool_wait=API_POOL_WAIT if api else 30.0) as services:
-        if sock is None:  # once per command, not in each `serve --workers` process
+        if sock is None:  # not from each of `serve --workers`' processes: workers say it too
             await _warn_if_privileged(services)
         if api and worker:
             await _ensure_admin_token(services, settings)

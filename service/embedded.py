@@ -318,7 +318,15 @@ class EmbeddedPostgres:
         if self.running():
             self._check(self._cmd("pg_ctl", "reload", "-D", str(self.pgdata)))
 
+    def _reach(self) -> None:
+        """Let the server's user reach the directory again: a parent may have lost its o+x
+        since ``start`` began (pytest takes group and other bits off /tmp/pytest-of-<user> at
+        every session start, and sessions run side by side)."""
+        if self.user:
+            _open_path_for(self.user, self.directory)
+
     def _start_server(self) -> None:
+        self._reach()
         log = self.directory / "postgres.log"
         if self.user:
             log.touch()
@@ -385,6 +393,7 @@ class EmbeddedPostgres:
     def stop(self, mode: str = "fast") -> None:
         if not (self.pgdata / "postmaster.pid").exists():
             return
+        self._reach()
         # Not guarded by running(): a status check can race with a server still coming up.
         proc = subprocess.run(
             self._cmd("pg_ctl", "stop", "-w", "-t", "120", "-m", mode, "-D", str(self.pgdata)),
