@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.embedded import EmbeddedPostgres  # noqa: E402
+from service.embedded import OWNER_ROLE, SERVICE_ROLE, EmbeddedPostgres  # noqa: E402
 from service.migrate import migrate  # noqa: E402
 
 PYTHON = sys.executable
@@ -63,14 +63,19 @@ def cluster() -> Iterator[EmbeddedPostgres]:
 
 
 def new_database(pg: EmbeddedPostgres, *, migrated: bool = True) -> str:
+    """A new database owned by the schema's owner, migrated as it; returns the SERVICE role's
+    URL (what tfdeploy connects as). ``owner_url(pg, url)``: the owner's, for DDL."""
     name = f"bench_{os.getpid()}_{next(_counter)}"
-    base = pg.url.rsplit("/", 1)[0]
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    url = f"{base}/{name}"
+    with psycopg.connect(pg.superuser_url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} OWNER {OWNER_ROLE}")
     if migrated:
-        migrate(url)
-    return url
+        migrate(pg.url_for(OWNER_ROLE, name))
+    return pg.url_for(SERVICE_ROLE, name)
+
+
+def owner_url(pg: EmbeddedPostgres, url: str) -> str:
+    """``url``'s database as the schema's owner."""
+    return pg.url_for(OWNER_ROLE, url.rsplit("/", 1)[1])
 
 
 def pg_version(url: str) -> str:

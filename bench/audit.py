@@ -638,7 +638,7 @@ def main() -> None:
                 cleanup.append(lambda: pg.stop("fast"))
             if not args.data_dir:
                 cleanup.append(lambda: shutil.rmtree(directory, ignore_errors=True))
-            url = pg.url
+            url = pg.owner_url  # it loads events in bulk and migrates: the owner
         applied = migrate(url)
         if applied:
             print(f"migrated: {', '.join(applied)}")

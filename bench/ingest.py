@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -39,6 +40,7 @@ from bench._common import (  # noqa: E402
     make_token,
     median,
     new_database,
+    owner_url,
     pg_version,
     pyspy_report,
     pyspy_start,
@@ -77,13 +79,16 @@ def pgbench_rate(pg, url: str, clients: int, seconds: float) -> float:
         f.write(PGBENCH_SCRIPT)
         script = f.name
     Path(script).chmod(0o644)
-    user = url.split("//", 1)[1].split("@", 1)[0]
-    db = url.rsplit("/", 1)[1]
+    parts = urlsplit(url)
+    db = parts.path.lstrip("/")
     cmd = [
-        str(pg.bindir / "pgbench"), "-n", "-h", "127.0.0.1", "-p", str(pg.port), "-U", user,
-        "-c", str(clients), "-j", "2", "-T", str(max(1, round(seconds))), "-f", script, db,
+        str(pg.bindir / "pgbench"), "-n", "-h", "127.0.0.1", "-p", str(pg.port),
+        "-U", parts.username or "", "-c", str(clients), "-j", "2",
+        "-T", str(max(1, round(seconds))), "-f", script, db,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    # The password in pgbench's environment, not on its command line.
+    env = {**os.environ, "PGPASSWORD": parts.password or ""}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     for line in out.splitlines():
         if line.startswith("tps ="):
             return float(line.split()[2])
@@ -180,7 +185,7 @@ def main() -> int:
 
     with cluster() as pg, tempfile.TemporaryDirectory() as data_dir:
         url = new_database(pg)
-        with psycopg.connect(url, autocommit=True) as conn:
+        with psycopg.connect(owner_url(pg, url), autocommit=True) as conn:
             conn.execute(SIMILAR_TABLE)
         token = asyncio.run(make_token(url))
         prof = str(Path(data_dir) / "api.prof") if args.profile else None

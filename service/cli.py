@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.settings import Settings, SettingsError, from_env
 
@@ -22,24 +22,82 @@ log = logging.getLogger("tfdeploy")
 # ---------------------------------------------------------------- database
 
 
+class Database(NamedTuple):
+    """Where the service connects (``url``: the service role) and where migrations run
+    (``owner_url``: the schema's owner)."""
+
+    url: str
+    owner_url: str
+
+
 @contextlib.contextmanager
-def database(settings: Settings, *, quiet: bool = False) -> Iterator[str]:
-    """The database URL: TFDEPLOY_DATABASE_URL, or the embedded cluster under the data dir
-    (started here if it is not running, and then stopped here at the end)."""
+def database(settings: Settings, *, quiet: bool = False) -> Iterator[Database]:
+    """The database: TFDEPLOY_DATABASE_URL (and TFDEPLOY_MIGRATE_DATABASE_URL for migrations,
+    else the same), or the embedded cluster under the data dir (started here if it is not
+    running, and then stopped here at the end), with its two roles."""
     if settings.database_url:
-        yield settings.database_url
+        yield Database(settings.database_url, settings.migrate_database_url or settings.database_url)
         return
     from service.embedded import EmbeddedPostgres
 
     pg = EmbeddedPostgres(settings.data_path / "postgres")
-    url = pg.start()
+    pg.start()
     if not quiet:
-        print(f"embedded PostgreSQL at {url} (data in {pg.pgdata})", file=sys.stderr)
+        print(
+            f"embedded PostgreSQL at {pg.display_url()} (data in {pg.pgdata}; "
+            f"passwords in {pg.credentials})",
+            file=sys.stderr,
+        )
     try:
-        yield url
+        yield Database(pg.url, pg.owner_url)
     finally:
         if pg._started_here:
             pg.stop()
+
+
+def migrate_all(settings: Settings, owner_url: str, keyring: Any) -> list[str]:
+    """The SQL migrations, then the data step that seals what an earlier version stored in
+    plain text; returns what was done, for printing."""
+    from service.migrate import migrate, seal_plaintext
+
+    done = [f"migrated: {', '.join(applied)}"] if (applied := migrate(owner_url)) else []
+    s3 = _s3_store(settings, keyring)
+    for report in seal_plaintext(owner_url, keyring, s3):
+        if report.resealed or not report.finished:
+            done.append(f"sealed at rest: {report.line()}")
+        done += [f"  cannot seal {f}" for f in report.failed[:20]]
+    return done
+
+
+def _s3_store(settings: Settings, keyring: Any) -> Any:
+    if settings.state_store != "s3":
+        return None
+    from service.statestores.s3 import S3StateStore
+
+    return S3StateStore(settings, keyring=keyring)
+
+
+def _keyring(settings: Settings) -> Any:
+    from service.secrets import KeyRing
+
+    return KeyRing.from_settings(settings)
+
+
+async def _warn_if_privileged(services: Any) -> None:
+    """Say so when the service connects as a superuser or as the tables' owner: then nothing
+    but the triggers keeps the event table append-only, and a superuser can disable those."""
+    async with services.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT r.rolsuper, pg_has_role(c.relowner, 'USAGE') FROM pg_roles r, pg_class c "
+            "WHERE r.rolname = current_user AND c.oid = to_regclass('public.events')"
+        )
+        row = await cur.fetchone()
+    if row and (row[0] or row[1]):
+        log.warning(
+            "the service connects as %s: the event table is protected by its triggers only; "
+            "connect as the service role (docs/operations.md, \"Database roles\")",
+            "a superuser" if row[0] else "the owner of the tables",
+        )
 
 
 @contextlib.asynccontextmanager
@@ -74,17 +132,18 @@ def _server(app: Any, settings: Settings, host: str, port: int) -> Any:
 
 
 async def _run(
-    settings: Settings, url: str, *, api: bool, worker: bool, host: str, port: int, sock: Any = None
+    settings: Settings, db: Database, *, api: bool, worker: bool, host: str, port: int,
+    sock: Any = None,
 ) -> None:
-    from service.migrate import migrate
-
+    url = db.url
     if api and worker:
-        applied = migrate(url)
-        if applied:
-            print(f"migrated: {', '.join(applied)}", file=sys.stderr)
+        for line in migrate_all(settings, db.owner_url, _keyring(settings)):
+            print(line, file=sys.stderr)
     # An API request waits API_POOL_WAIT for a connection, then answers 503; a worker waits
     # psycopg_pool's default 30 s (its outcome appends retry on their own).
     async with services_for(settings, url, pool_wait=API_POOL_WAIT if api else 30.0) as services:
+        if sock is None:  # not from each of `serve --workers`' processes: workers say it too
+            await _warn_if_privileged(services)
         if api and worker:
             await _ensure_admin_token(services, settings)
         tasks: list[asyncio.Task[Any]] = []
@@ -178,8 +237,8 @@ async def _ensure_admin_token(services: Any, settings: Settings) -> None:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    with database(settings) as url:
-        asyncio.run(_run(settings, url, api=True, worker=True, host=args.host, port=args.port))
+    with database(settings) as db:
+        asyncio.run(_run(settings, db, api=True, worker=True, host=args.host, port=args.port))
     return 0
 
 
@@ -196,14 +255,14 @@ def _run_api(main: Any) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    with database(settings) as url:
+    with database(settings) as db:
         if args.workers > 1:
-            return _serve_processes(settings, url, args.host, args.port, args.workers)
-        _run_api(_run(settings, url, api=True, worker=False, host=args.host, port=args.port))
+            return _serve_processes(settings, db, args.host, args.port, args.workers)
+        _run_api(_run(settings, db, api=True, worker=False, host=args.host, port=args.port))
     return 0
 
 
-def _serve_processes(settings: Settings, url: str, host: str, port: int, workers: int) -> int:
+def _serve_processes(settings: Settings, db: Database, host: str, port: int, workers: int) -> int:
     """``serve --workers N``: one listening socket, N forked processes each serving the API on
     it with its own event loop, pool and LISTEN hub (a process uses one core at most). SIGINT
     or SIGTERM to this process stops them all; so does any of them exiting."""
@@ -223,7 +282,7 @@ def _serve_processes(settings: Settings, url: str, host: str, port: int, workers
             try:
                 os.setpgid(0, 0)
                 _run_api(
-                    _run(settings, url, api=True, worker=False, host=host, port=port, sock=sock)
+                    _run(settings, db, api=True, worker=False, host=host, port=port, sock=sock)
                 )
                 code = 0
             finally:
@@ -256,18 +315,87 @@ def _serve_processes(settings: Settings, url: str, host: str, port: int, workers
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    with database(settings) as url:
-        asyncio.run(_run(settings, url, api=False, worker=True, host="", port=0))
+    with database(settings) as db:
+        asyncio.run(_run(settings, db, api=False, worker=True, host="", port=0))
     return 0
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from service.migrate import migrate
+    from service.migrate import MigrationError
 
-    with database(settings) as url:
-        applied = migrate(url)
-    print("applied: " + ", ".join(applied) if applied else "up to date")
+    keyring = _keyring(settings)
+    with database(settings) as db:
+        try:
+            lines = migrate_all(settings, db.owner_url, keyring)
+        except MigrationError as exc:
+            print(f"tfdeploy: {exc}", file=sys.stderr)
+            return 1
+    print("\n".join(lines) if lines else "up to date")
     return 0
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """``keys generate`` (a new key to put first in TFDEPLOY_SECRETS_KEY), ``keys rotate``
+    (re-seal everything under it), ``keys status`` (which keys PostgreSQL's blobs need),
+    ``keys open-emergency ID`` (a rescued state, opened, to stdout)."""
+    from service.secrets import generate_key
+
+    if args.keys_cmd == "generate":
+        print(generate_key())
+        return 0
+    import psycopg
+
+    from service import rotation
+
+    keyring = _keyring(settings)
+    with database(settings, quiet=True) as db, psycopg.connect(db.url, autocommit=True) as conn:
+        if args.keys_cmd == "status":
+            ids = {kid.hex(): ("primary" if i == 0 else "old") for i, kid in enumerate(keyring.key_ids)}
+            print("keys: " + ", ".join(f"{k} ({v})" for k, v in ids.items()))
+            for kind, kid, n in rotation.key_usage(conn):
+                state = ids.get(kid, "legacy" if kid == "unsealed" else "NOT CONFIGURED")
+                print(f"{kind:<28} {kid:<16} {state:<15} {n}")
+            print("S3 objects: not counted here (`tfdeploy keys rotate` checks each one)")
+            return 0
+        if args.keys_cmd == "open-emergency":
+            from service.secrets import SecretsError
+            from service.statestores import index
+
+            location = args.location
+            if location.isdigit():
+                location = f"{index.EMERGENCY_PREFIX}{location}"
+
+            async def fetch() -> dict[str, Any] | None:
+                async with await psycopg.AsyncConnection.connect(db.url) as aconn:
+                    return await index.get_emergency(aconn, location, keyring)
+
+            try:
+                row = asyncio.run(fetch())
+            except (SecretsError, ValueError) as exc:
+                print(f"tfdeploy: {exc}", file=sys.stderr)
+                return 1
+            if row is None:
+                print(f"no emergency copy {location}", file=sys.stderr)
+                return 1
+            sys.stdout.buffer.write(row["content"])
+            sys.stdout.flush()
+            return 0
+
+        def progress(kind: str, n: int) -> None:
+            print(f"{kind}: {n} re-sealed so far", flush=True)
+
+        print(f"re-sealing under key {keyring.primary_id.hex()}", flush=True)
+        reports = rotation.rotate(conn, keyring, _s3_store(settings, keyring), progress=progress)
+    for report in reports:
+        print(report.line())
+        for failure in report.failed:
+            print(f"  {failure}")
+    if all(r.finished for r in reports):
+        print(f"done: every blob is sealed with key {keyring.primary_id.hex()}"
+              + ("; the other keys may go from TFDEPLOY_SECRETS_KEY" if len(keyring.key_ids) > 1 else ""))
+        return 0
+    print("not finished: keep the old keys, fix what is listed and run it again", file=sys.stderr)
+    return 1
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
@@ -292,8 +420,8 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"revoked {n} token(s)")
         return 0
 
-    with database(settings, quiet=True) as url:
-        return asyncio.run(go(url))
+    with database(settings, quiet=True) as db:
+        return asyncio.run(go(db.url))
 
 
 def parse_age(text: str) -> timedelta:
@@ -343,8 +471,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                 print("no failed deploys")
             return status
 
-    with database(settings, quiet=True) as url:
-        return asyncio.run(go(url))
+    with database(settings, quiet=True) as db:
+        return asyncio.run(go(db.url))
 
 
 def cmd_projections(settings: Settings, args: argparse.Namespace) -> int:
@@ -358,8 +486,8 @@ def cmd_projections(settings: Settings, args: argparse.Namespace) -> int:
         print(f"rebuilt {n} deploy(s) from their events")
         return 0
 
-    with database(settings, quiet=True) as url:
-        return asyncio.run(go(url))
+    with database(settings, quiet=True) as db:
+        return asyncio.run(go(db.url))
 
 
 def format_event(e: Any) -> str:
@@ -394,9 +522,9 @@ def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
                     break
                 await conn.execute("UNLISTEN tfdeploy_events")
 
-    with database(settings, quiet=True) as url:
+    with database(settings, quiet=True) as db:
         try:
-            return asyncio.run(go(url))
+            return asyncio.run(go(db.url))
         except KeyboardInterrupt:
             return 0
 
@@ -435,6 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--since", type=parse_age, help="with --failed: failed within this age, e.g. 1h")
     rp.add_argument("--actor", default=os.environ.get("USER", "cli"), help="recorded as admin:<actor>")
 
+    kp = sub.add_parser("keys", help="the key ring of TFDEPLOY_SECRETS_KEY")
+    ksub = kp.add_subparsers(dest="keys_cmd", required=True)
+    ksub.add_parser("generate", help="print a new key (put it first in TFDEPLOY_SECRETS_KEY)")
+    ksub.add_parser("rotate", help="re-seal everything stored under an older key with the first")
+    ksub.add_parser("status", help="which keys the blobs in PostgreSQL are sealed with")
+    ko = ksub.add_parser("open-emergency", help="print a rescued tfstate (StateRescued), opened")
+    ko.add_argument("location", help="postgres-emergency:<id>, or the id")
+
     pp = sub.add_parser("projections", help="read models")
     psub = pp.add_subparsers(dest="proj_cmd", required=True)
     psub.add_parser("rebuild", help="recompute the read models from the events")
@@ -450,6 +586,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "worker": cmd_worker,
     "migrate": cmd_migrate,
+    "keys": cmd_keys,
     "token": cmd_token,
     "replay": cmd_replay,
     "projections": cmd_projections,

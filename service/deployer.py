@@ -452,6 +452,7 @@ class Deployer:
                 rescue_location = await index.save_emergency(
                     conn, request.workspace, deploy_id, request.attempt, state, rescue_sha,
                     f"state not persisted ({why}); destroy failed ({message})",
+                    keyring=self.box.keyring,
                 )
             await writer.line("system", f"destroy failed; state kept at {rescue_location}")
         await writer.flush()

@@ -34,10 +34,11 @@ class Services:
 async def open_services(
     settings: Settings, database_url: str, *, pool_size: int = 20, pool_wait: float = 30.0
 ) -> Services:
-    from service.secrets import SecretBox, load_or_create_key
+    from service.secrets import KeyRing, SecretBox, load_or_create_key
 
     key = load_or_create_key(settings)
-    box = SecretBox(key)
+    keyring = KeyRing(key)
+    box = SecretBox(keyring)
     pool = await open_pool(database_url, max_size=pool_size, wait=pool_wait)
     queue = Queue(database_url)
     await queue.open()
@@ -48,5 +49,7 @@ async def open_services(
         digest_key=hashlib.sha256(b"tfdeploy-request-digest:" + key.encode()).digest(),
     )
     services = Services(settings, database_url, pool, queue, deploys)
+    # One key ring per process: every store, the emergency copy and saved plans seal with it.
+    services.extras["keyring"] = keyring
     services.extras["secret_box"] = box
     return services

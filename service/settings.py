@@ -47,6 +47,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # -- tenants and isolation (docs/security.md)
+    # The schema owner's URL: `tfdeploy migrate` (and `up`) migrate with it, while the service
+    # connects with TFDEPLOY_DATABASE_URL as a role that cannot alter the tables. Unset: one
+    # role for both (docs/operations.md, "Database roles"). Ignored by the embedded PostgreSQL,
+    # which has both roles of its own.
+    migrate_database_url: str | None = None
     # The local runner refuses to start without a working bubblewrap sandbox unless this is set.
     local_unsandboxed: bool = False
     # GET /metrics without an admin token.
@@ -122,6 +127,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 self.database_url is None
                 or self.database_url.startswith(("postgresql://", "postgres://")),
                 "must be a postgresql:// URL",
+            ),
+            (
+                "MIGRATE_DATABASE_URL",
+                self.migrate_database_url is None
+                or self.migrate_database_url.startswith(("postgresql://", "postgres://")),
+                "must be a postgresql:// URL",
+            ),
+            (
+                "MIGRATE_DATABASE_URL",
+                self.migrate_database_url is None or self.database_url is not None,
+                "needs TFDEPLOY_DATABASE_URL (the embedded PostgreSQL has its own roles)",
             ),
         ]
         for name, ok, why in checks:

@@ -1,5 +1,12 @@
 """Shared fixtures: a real PostgreSQL cluster for the whole session, a fresh migrated database
-per test (copied from a template, so it costs milliseconds), dropped again after the test."""
+per test (copied from a template, so it costs milliseconds), dropped again after the test.
+
+The cluster is the embedded one, locked down as in production (service/embedded.py): the
+template is migrated as the schema's owner, and ``database_url`` connects as the SERVICE role,
+so a grant that a migration forgot fails the tests that need it. Tests that need more use
+``owner_database_url`` (the same database as the owner: DDL, migrations) or
+``superuser_url(pg_cluster, database)`` (anything else: a superuser; keep it rare).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from service.embedded import EmbeddedPostgres
+from service.embedded import OWNER_ROLE, SERVICE_ROLE, SUPERUSER, EmbeddedPostgres
 from service.migrate import migrate
 
 TEMPLATE = "tfdeploy_template"
@@ -48,8 +55,8 @@ def pg_cluster() -> Iterator[EmbeddedPostgres]:
     try:
         pg.start()
         with _maintenance(pg) as conn:
-            conn.execute(f"CREATE DATABASE {TEMPLATE}")
-        migrate(f"{pg.url.rsplit('/', 1)[0]}/{TEMPLATE}")
+            conn.execute(f"CREATE DATABASE {TEMPLATE} OWNER {OWNER_ROLE}")
+        migrate(pg.url_for(OWNER_ROLE, TEMPLATE))
         yield pg
     finally:
         with contextlib.suppress(Exception):
@@ -57,8 +64,14 @@ def pg_cluster() -> Iterator[EmbeddedPostgres]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def superuser_url(pg: EmbeddedPostgres, database: str = "postgres") -> str:
+    """The cluster's superuser on ``database``: for what neither role may do (creating and
+    dropping databases, other roles' sessions, server settings)."""
+    return pg.url_for(SUPERUSER, database)
+
+
 def _maintenance(pg: EmbeddedPostgres) -> psycopg.Connection[Any]:
-    return psycopg.connect(f"{pg.url.rsplit('/', 1)[0]}/postgres", autocommit=True)
+    return psycopg.connect(superuser_url(pg), autocommit=True)
 
 
 def _database_names(conn: psycopg.Connection[Any]) -> set[str]:
@@ -81,17 +94,52 @@ def _drop_databases_made_by_the_test(request: pytest.FixtureRequest) -> Iterator
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def new_database(pg: EmbeddedPostgres) -> str:
-    """A fresh database with every migration applied; returns its URL."""
+def new_database(pg: EmbeddedPostgres, role: str = SERVICE_ROLE) -> str:
+    """A fresh database with every migration applied, owned by the owner role; returns its URL
+    for ``role`` (the service role unless said otherwise)."""
     name = f"t_{os.getpid()}_{next(_counter)}"
     with _maintenance(pg) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    return f"{pg.url.rsplit('/', 1)[0]}/{name}"
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE} OWNER {OWNER_ROLE}")
+    return pg.url_for(role, name)
+
+
+def empty_database(pg: EmbeddedPostgres, prefix: str = "empty") -> str:
+    """A new EMPTY database owned by the owner role (not from the migrated template); returns
+    the owner's URL of it."""
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
+    with _maintenance(pg) as conn:
+        conn.execute(f"CREATE DATABASE {name} OWNER {OWNER_ROLE}")
+    return pg.url_for(OWNER_ROLE, name)
+
+
+def as_role(url: str, pg: EmbeddedPostgres, role: str) -> str:
+    """The same database as ``url``, as ``role`` (``tfdeploy_owner``, ``tfdeploy_service`` or
+    ``superuser``)."""
+    return pg.url_for(role, url.rsplit("/", 1)[1])
 
 
 @pytest.fixture
 def database_url(pg_cluster: EmbeddedPostgres) -> str:
+    """A fresh migrated database, as the service role."""
     return new_database(pg_cluster)
+
+
+@pytest.fixture
+def superuser_database_url(database_url: str, pg_cluster: EmbeddedPostgres) -> str:
+    """``database_url``'s database as the cluster's superuser (administrators' SQL)."""
+    return as_role(database_url, pg_cluster, SUPERUSER)
+
+
+@pytest.fixture
+def empty_database_url(pg_cluster: EmbeddedPostgres) -> str:
+    """A new EMPTY database (no migration applied), as the owner role."""
+    return empty_database(pg_cluster)
+
+
+@pytest.fixture
+def owner_database_url(database_url: str, pg_cluster: EmbeddedPostgres) -> str:
+    """``database_url``'s database as the schema's owner."""
+    return as_role(database_url, pg_cluster, OWNER_ROLE)
 
 
 @pytest.fixture

@@ -101,7 +101,8 @@ def cluster() -> Iterator[Any]:
     directory = tempfile.mkdtemp(prefix="tfdeploy-test-outage-pg-")
     pg = EmbeddedPostgres(directory)
     try:
-        migrate(pg.start())
+        pg.start()
+        migrate(pg.owner_url)
         yield pg
     finally:
         with contextlib.suppress(Exception):

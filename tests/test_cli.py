@@ -119,8 +119,12 @@ def test_up_embedded_serves_deploys_stops_cleanly_and_reuses_data(tmp_path):
     assert proc.returncode == 0, err[-3000:]
 
 
-def test_tokens_migrate_rebuild_replay_and_events(database_url, tmp_path):
-    env = {"TFDEPLOY_DATABASE_URL": database_url, "TFDEPLOY_DATA_DIR": str(tmp_path)}
+def test_tokens_migrate_rebuild_replay_and_events(database_url, owner_database_url, tmp_path):
+    env = {
+        "TFDEPLOY_DATABASE_URL": database_url,
+        "TFDEPLOY_MIGRATE_DATABASE_URL": owner_database_url,
+        "TFDEPLOY_DATA_DIR": str(tmp_path),
+    }
     assert "up to date" in tfdeploy("migrate", env=env).stdout
 
     token = tfdeploy("token", "create", "--name", "ops", "--admin", env=env).stdout.strip()

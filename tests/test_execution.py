@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 
 import httpx
@@ -252,14 +251,7 @@ async def test_secret_appears_nowhere(database_url, tmp_path, runner_kind, runne
         async with h.services.pool.connection() as conn:
             cur = await conn.execute("SELECT count(*) FROM deploy_secrets")
             assert (await cur.fetchone())[0] == 0  # deleted when the deploy ended
-    dump = subprocess.run(
-        pg_cluster._cmd(
-            "pg_dump", "-h", "127.0.0.1", "-p", str(pg_cluster.port), "-d", database_url.rsplit("/", 1)[1]
-        ),
-        capture_output=True,
-        check=True,
-        cwd="/",
-    ).stdout
+    dump = pg_cluster.pg_dump(database_url.rsplit("/", 1)[1])
     assert len(dump) > 10_000
     assert secret.encode() not in dump
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
@@ -26,13 +25,9 @@ def all_names() -> list[str]:
 
 
 @pytest.fixture
-def empty_url(pg_cluster) -> str:
-    """A new, EMPTY database (not from the migrated template)."""
-    base = pg_cluster.url.rsplit("/", 1)[0]
-    name = f"empty_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return f"{base}/{name}"
+def empty_url(empty_database_url: str) -> str:
+    """A new, EMPTY database (not from the migrated template), as the owner role."""
+    return empty_database_url
 
 
 def recorded(url: str) -> list[tuple[str, str]]:
@@ -98,9 +93,9 @@ def test_migrate_an_empty_database_then_nothing(empty_url):
     assert_schema(empty_url)
 
 
-def test_the_test_databases_are_fully_migrated(database_url):
-    assert migrate(database_url) == []
-    assert recorded(database_url) == expected_records()
+def test_the_test_databases_are_fully_migrated(owner_database_url):
+    assert migrate(owner_database_url) == []
+    assert recorded(owner_database_url) == expected_records()
 
 
 def test_two_threads_migrating_at_once(empty_url):

@@ -547,7 +547,7 @@ async def test_postgres_restarted_while_a_deploy_runs(tmp_path, runner_image):
     pg = EmbeddedPostgres(tmp_path / "pg")
     url = pg.start()
     try:
-        migrate(url)
+        migrate(pg.owner_url)
         async with environment(url, tmp_path, runner_image, runner="local") as env:
             proc = env.spawn_worker("pg-worker")
             d = await env.submit({"main.tf": A_THEN_SLOW_B % {"sleep": 3}}, workspace="pg1")

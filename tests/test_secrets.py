@@ -1,15 +1,21 @@
-"""Secrets at rest (SecretBox, the key file) and masking in logs."""
+"""Encryption at rest (the key ring, SecretBox, the key file) and masking in logs."""
 
 from __future__ import annotations
 
 import json
+import os
 import stat
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from cryptography.fernet import Fernet
 
 from service.secrets import (
+    HEADER_LEN,
     KEY_FILE,
+    OVERHEAD,
+    KeyRing,
     Masker,
     SecretBox,
     SecretsError,
@@ -18,6 +24,101 @@ from service.secrets import (
     mask,
 )
 from service.settings import Settings, SettingsError
+
+# -- the key ring ---------------------------------------------------------------------------------
+
+
+def test_seal_open_round_trip_sizes_and_randomness() -> None:
+    ring = KeyRing(generate_key())
+    for data in (b"", b"x", b'{"serial": 1, "password": "hunter2"}', os.urandom(100_000)):
+        sealed = ring.seal(data)
+        assert isinstance(sealed, bytes) and len(sealed) == len(data) + OVERHEAD  # no base64
+        assert sealed.startswith(ring.primary_prefix)
+        assert ring.open(sealed) == data and ring.open(memoryview(sealed)) == data
+        assert ring.seal(data) != sealed  # a fresh nonce each time
+    assert b"hunter2" not in ring.seal(b'{"password": "hunter2"}')
+
+
+def test_key_ids_name_keys_without_revealing_them() -> None:
+    key = generate_key()
+    a, b = KeyRing(key), KeyRing(key)
+    assert a.key_ids == b.key_ids and len(a.primary_id) == 8
+    assert a.primary_id != KeyRing(generate_key()).primary_id
+    assert a.primary_id.hex() not in key and a.primary_id not in Fernet(key)._signing_key
+    sealed = a.seal(b"data")
+    assert KeyRing.key_id_of(sealed) == a.primary_id and KeyRing.is_sealed(sealed)
+    assert KeyRing.key_id_of(b'{"version": 4}') is None and not KeyRing.is_sealed(b"{}")
+    assert a.sealed_with_primary(sealed)
+
+
+def test_every_key_opens_the_first_seals() -> None:
+    old, new = generate_key(), generate_key()
+    sealed_old = KeyRing(old).seal(b"state one")
+    ring = KeyRing(f" {new} , {old},{new}")  # blanks and repeats are ignored
+    assert len(ring.key_ids) == 2 and ring.primary_id == KeyRing(new).primary_id
+    assert ring.open(sealed_old) == b"state one"
+    assert not ring.sealed_with_primary(sealed_old)
+    sealed_new = ring.seal(b"state two")
+    assert KeyRing(new).open(sealed_new) == b"state two"
+    with pytest.raises(SecretsError, match=f"key {KeyRing(new).primary_id.hex()}.*not in") as err:
+        KeyRing(old).open(sealed_new)
+    assert new not in str(err.value) and old not in str(err.value)
+
+
+def test_any_change_to_a_sealed_blob_is_refused() -> None:
+    ring = KeyRing(generate_key())
+    sealed = ring.seal(b"the state of a workspace")
+    # Every byte is covered: the header (authenticated data), the ciphertext and the tag.
+    for i in range(len(sealed)):
+        altered = bytearray(sealed)
+        altered[i] ^= 0x01
+        with pytest.raises(SecretsError):
+            ring.open(bytes(altered))
+    for cut in (sealed[:-1], sealed[: OVERHEAD - 1], sealed[:HEADER_LEN]):
+        with pytest.raises(SecretsError):
+            ring.open(cut)
+    other_format = sealed[:4] + b"\x02" + sealed[5:]
+    with pytest.raises(SecretsError, match="format"):
+        ring.open(other_format)
+
+
+def test_plain_text_opens_only_when_allowed() -> None:
+    ring = KeyRing(generate_key())
+    with pytest.raises(SecretsError, match="not a sealed"):
+        ring.open(b'{"version": 4}')
+    assert ring.open(b'{"version": 4}', legacy_plaintext=True) == b'{"version": 4}'
+    # A blob that says it is sealed is never taken for plain text.
+    with pytest.raises(SecretsError):
+        ring.open(ring.seal(b"x")[:-1], legacy_plaintext=True)
+
+
+def test_seal_and_open_hold_no_more_than_the_input_and_the_output() -> None:
+    """A 64 MiB tfstate: sealing and opening allocate the result once, no extra copy."""
+    ring = KeyRing(generate_key())
+    data = os.urandom(64 * 2**20)
+    tracemalloc.start()
+    try:
+        sealed = ring.seal(data)
+        _, seal_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        held, _ = tracemalloc.get_traced_memory()  # the sealed blob
+        opened = ring.open(sealed)
+        open_peak = tracemalloc.get_traced_memory()[1] - held
+    finally:
+        tracemalloc.stop()
+    assert opened == data
+    assert seal_peak < len(data) * 1.1 and open_peak < len(data) * 1.1, (seal_peak, open_peak)
+
+
+def test_invalid_keys_are_refused_by_the_key_ring() -> None:
+    for bad in ("", " , ", "short", "x" * 44, generate_key()[:-4]):
+        with pytest.raises(ValueError, match="TFDEPLOY_SECRETS_KEY"):
+            KeyRing(bad)
+    with pytest.raises(ValueError, match="TFDEPLOY_SECRETS_KEY"):
+        KeyRing(f"{generate_key()},not-a-key")
+
+
+# -- SecretBox ------------------------------------------------------------------------------------
 
 
 def test_secret_box_round_trip() -> None:
@@ -55,6 +156,20 @@ def test_key_rotation() -> None:
     both = SecretBox(f"{new},{old}")
     assert both.decrypt(token) == {"a": "b"}
     assert SecretBox(new).decrypt(both.encrypt({"c": "d"})) == {"c": "d"}
+
+
+def test_secrets_are_sealed_and_fernet_tokens_from_before_still_open() -> None:
+    old, new = generate_key(), generate_key()
+    box = SecretBox(KeyRing(f"{new},{old}"))
+    assert box.encrypt({"a": "b"}).startswith(box.keyring.primary_prefix)
+    # What the previous version stored: a Fernet token, under the old key or the new one.
+    for key in (old, new):
+        legacy = Fernet(key.encode()).encrypt(b'{"token":"hunter2"}')
+        assert box.decrypt(legacy) == {"token": "hunter2"}
+        assert box.decrypt(memoryview(legacy)) == {"token": "hunter2"}
+        assert box.decrypt(legacy.decode()) == {"token": "hunter2"}
+    with pytest.raises(SecretsError, match="wrong key"):
+        SecretBox(generate_key()).decrypt(Fernet(old.encode()).encrypt(b"{}"))
 
 
 def test_key_from_settings(tmp_path) -> None:

@@ -17,6 +17,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from psycopg_pool import AsyncConnectionPool
 
+from service.secrets import OVERHEAD, KeyRing, SecretsError, generate_key
 from service.settings import Settings
 from service.statestores import (
     PostgresStateStore,
@@ -30,6 +31,7 @@ from service.statestores import (
 from service.statestores.s3 import S3StateStore
 
 AWS_SECRET = "dummy-secret-key-never-shown"
+KEYRING = KeyRing(generate_key())
 _buckets = itertools.count()
 
 
@@ -99,7 +101,7 @@ def s3_settings(url: str, bucket: str | None = None, prefix: str = "tfdeploy") -
 
 @pytest.fixture
 async def s3_store(moto_url: str) -> S3StateStore:
-    store = S3StateStore(s3_settings(moto_url))
+    store = S3StateStore(s3_settings(moto_url), keyring=KEYRING)
     await store.ensure_bucket()
     return store
 
@@ -108,19 +110,41 @@ async def s3_store(moto_url: str) -> S3StateStore:
 
 
 async def test_postgres_put_get_round_trip(pool: AsyncConnectionPool) -> None:
-    store = PostgresStateStore(pool)
-    content = tfstate()
+    store = PostgresStateStore(pool, KEYRING)
+    content = tfstate(password="hunter2-in-the-state")
     stored = await store.put("web", 1, content, sha(content))
     assert stored == StoredState(store="postgres", location="postgres:web/1")
     assert await store.get("web", 1, stored.location) == content
     with pytest.raises(StateStoreError, match="not found"):
         await store.get("web", 2, "postgres:web/2")
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT content FROM state_blobs WHERE workspace = 'web'")
+        [(blob,)] = await cur.fetchall()
+    assert blob.startswith(KEYRING.primary_prefix) and len(blob) == len(content) + OVERHEAD
+    assert b"hunter2" not in blob
+
+
+async def test_postgres_reads_plain_text_rows_and_names_an_unknown_key(
+    pool: AsyncConnectionPool,
+) -> None:
+    store = PostgresStateStore(pool, KEYRING)
+    content = tfstate()
+    async with pool.connection() as conn:  # a row as the previous version wrote it
+        await conn.execute(
+            "INSERT INTO state_blobs (workspace, version, content) VALUES ('old', 1, %s)",
+            (content,),
+        )
+    assert await store.get("old", 1, "postgres:old/1") == content
+    assert (await store.put("old", 1, content, sha(content))).location == "postgres:old/1"
+    await store.put("web", 1, content, sha(content))
+    with pytest.raises(StateStoreError, match=f"key {KEYRING.primary_id.hex()}.*not in"):
+        await PostgresStateStore(pool, KeyRing(generate_key())).get("web", 1, "postgres:web/1")
 
 
 async def test_postgres_put_is_idempotent_and_refuses_other_content(
     pool: AsyncConnectionPool,
 ) -> None:
-    store = PostgresStateStore(pool)
+    store = PostgresStateStore(pool, KEYRING)
     a, b = tfstate(serial=1), tfstate(serial=2)
     first = await store.put("web", 1, a, sha(a))
     assert await store.put("web", 1, a, sha(a)) == first
@@ -138,7 +162,7 @@ async def test_postgres_store_unreachable_raises_state_store_error() -> None:
     async with AsyncConnectionPool(
         "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1", min_size=1, open=False
     ) as dead:
-        store = PostgresStateStore(dead, timeout=0.5)
+        store = PostgresStateStore(dead, KEYRING, timeout=0.5)
         started = time.monotonic()
         with pytest.raises(StateStoreError):
             await store.put("web", 1, b"{}", sha(b"{}"))
@@ -149,10 +173,15 @@ async def test_postgres_store_unreachable_raises_state_store_error() -> None:
 
 
 async def test_s3_put_get_round_trip(s3_store: S3StateStore) -> None:
-    sent: list[dict[str, str]] = []
+    sent: list[tuple[dict[str, str], bytes]] = []
 
     def capture(request, **_: object) -> None:
-        sent.append(dict(request.headers))
+        body = request.body
+        if hasattr(body, "read"):  # a file-like body: read it and put it back
+            data, _ = body.read(), body.seek(0)
+        else:
+            data = bytes(body)
+        sent.append((dict(request.headers), data))
 
     s3_store.client.meta.events.register("before-send.s3.PutObject", capture)
     content = tfstate()
@@ -162,12 +191,16 @@ async def test_s3_put_get_round_trip(s3_store: S3StateStore) -> None:
     assert await s3_store.get("web", 3, stored.location) == content
 
     head = s3_store.client.head_object(Bucket=s3_store.bucket, Key=key)
-    assert head["ContentType"] == "application/json"
-    assert head["ContentLength"] == len(content)
-    assert head["Metadata"] == {"sha256": sha(content)}
-    # The server gets a Content-MD5 to check the body against.
-    md5 = base64.b64encode(hashlib.md5(content).digest()).decode()
-    assert [h.get("Content-MD5") for h in sent] in ([md5], [md5.encode()])
+    assert head["ContentType"] == "application/octet-stream"
+    assert head["ContentLength"] == len(content) + OVERHEAD  # sealed, no base64
+    assert head["Metadata"] == {"sha256": sha(content), "tfdeploy-key": KEYRING.primary_id.hex()}
+    assert head["ServerSideEncryption"] == "AES256"  # moto offers SSE-S3: asked for
+    # The body that left is sealed, and the server gets a Content-MD5 to check it against.
+    [(headers, body)] = sent
+    assert body.startswith(KEYRING.primary_prefix) and KEYRING.open(body) == content
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+    assert headers.get("Content-MD5") in (md5, md5.encode())
+    assert headers.get("x-amz-server-side-encryption") in ("AES256", b"AES256")
 
 
 async def test_s3_reput_is_idempotent_and_keys_are_versioned_per_workspace(
@@ -196,7 +229,7 @@ async def test_s3_metadata_holds_no_secret(s3_store: S3StateStore) -> None:
     stored = await s3_store.put("web", 1, content, sha(content))
     key = stored.location.split("/", 3)[3]
     head = s3_store.client.head_object(Bucket=s3_store.bucket, Key=key)
-    assert set(head["Metadata"]) == {"sha256"}
+    assert set(head["Metadata"]) == {"sha256", "tfdeploy-key"}
     blob = json.dumps(head["Metadata"]) + json.dumps(
         head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
     )
@@ -208,15 +241,88 @@ async def test_s3_get_refuses_corrupted_object(s3_store: S3StateStore) -> None:
     content = tfstate()
     stored = await s3_store.put("web", 1, content, sha(content))
     key = stored.location.split("/", 3)[3]
-    # Someone rewrites the object behind our back, keeping the old metadata.
+    sealed = s3_store.client.get_object(Bucket=s3_store.bucket, Key=key)["Body"].read()
+    metadata = {"sha256": sha(content)}
+    # Someone rewrites the object behind our back, keeping the old metadata: one bit of the
+    # sealed body flipped, or a plain-text state in its place.
+    for body in (sealed[:-20] + bytes([sealed[-20] ^ 1]) + sealed[-19:],
+                 content.replace(b"lin-1", b"lin-X")):
+        s3_store.client.put_object(Bucket=s3_store.bucket, Key=key, Body=body, Metadata=metadata)
+        with pytest.raises(StateStoreError, match="corrupted"):
+            await s3_store.get("web", 1, stored.location)
+
+
+async def test_s3_reads_a_plain_text_object_from_before_encryption(s3_store: S3StateStore) -> None:
+    """Objects the previous version stored in plain text still read (until `keys rotate`)."""
+    content = tfstate()
+    key = s3_store.key("web", 1)
     s3_store.client.put_object(
-        Bucket=s3_store.bucket,
-        Key=key,
-        Body=content.replace(b"lin-1", b"lin-X"),
-        Metadata={"sha256": sha(content)},
+        Bucket=s3_store.bucket, Key=key, Body=content, Metadata={"sha256": sha(content)}
     )
-    with pytest.raises(StateStoreError, match="corrupted"):
-        await s3_store.get("web", 1, stored.location)
+    assert await s3_store.get("web", 1, f"s3://{s3_store.bucket}/{key}") == content
+
+
+async def test_s3_object_sealed_under_an_unknown_key_is_named(s3_store: S3StateStore) -> None:
+    content = tfstate()
+    stored = await s3_store.put("web", 1, content, sha(content))
+    stranger = S3StateStore(
+        s3_settings("http://unused", bucket=s3_store.bucket), client=s3_store.client,
+        keyring=KeyRing(generate_key()),
+    )
+    with pytest.raises(StateStoreError, match=f"key {KEYRING.primary_id.hex()}.*not in"):
+        await stranger.get("web", 1, stored.location)
+
+
+class _RefusesSSE:
+    """A store that answers an SSE request the way MinIO without a KMS does."""
+
+    def __init__(self, client: object) -> None:
+        self.client, self.refused = client, 0
+
+    def put_object(self, **kw: object) -> object:
+        if "ServerSideEncryption" in kw:
+            self.refused += 1
+            raise _client_error(
+                400, "InvalidArgument", "Server side encryption specified but KMS is not configured"
+            )
+        return self.client.put_object(**kw)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.client, name)
+
+
+async def test_s3_store_without_server_side_encryption_falls_back_once(
+    s3_store: S3StateStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusing = _RefusesSSE(s3_store.client)
+    store = S3StateStore(
+        s3_settings("http://unused", bucket=s3_store.bucket), client=refusing, keyring=KEYRING
+    )
+    contents = [tfstate(serial=i) for i in (1, 2, 3)]
+    for i, content in enumerate(contents, 1):
+        await store.put("web", i, content, sha(content))
+    assert refusing.refused == 1 and store.sse is False  # asked once, then no more
+    assert "refused server-side encryption" in caplog.text
+    for i, content in enumerate(contents, 1):
+        head = s3_store.client.head_object(Bucket=store.bucket, Key=store.key("web", i))
+        assert "ServerSideEncryption" not in head
+        assert await store.get("web", i, "") == content
+        raw = s3_store.client.get_object(Bucket=store.bucket, Key=store.key("web", i))
+        assert raw["Body"].read().startswith(KEYRING.primary_prefix)  # still sealed by us
+
+
+async def test_s3_other_refusals_are_not_taken_for_sse(s3_store: S3StateStore) -> None:
+    class Denies(_RefusesSSE):
+        def put_object(self, **kw: object) -> object:
+            raise _client_error(403, "AccessDenied")
+
+    store = S3StateStore(
+        s3_settings("http://unused", bucket=s3_store.bucket), client=Denies(s3_store.client),
+        keyring=KEYRING,
+    )
+    with pytest.raises(StateStoreError, match="AccessDenied"):
+        await store.put("web", 1, b"{}", sha(b"{}"))
+    assert store.sse is True
 
 
 async def test_s3_put_refuses_wrong_sha256(s3_store: S3StateStore) -> None:
@@ -225,16 +331,18 @@ async def test_s3_put_refuses_wrong_sha256(s3_store: S3StateStore) -> None:
 
 
 def test_s3_client_config_is_conservative(moto_url: str) -> None:
-    config = S3StateStore(s3_settings(moto_url)).client.meta.config
+    config = S3StateStore(s3_settings(moto_url), keyring=KEYRING).client.meta.config
     assert config.connect_timeout <= 3 and config.read_timeout <= 10
     assert config.retries["total_max_attempts"] <= 3
     assert config.s3["addressing_style"] == "path"  # MinIO, NCP behind an endpoint URL
-    aws = S3StateStore(Settings(state_store="s3", s3_bucket="b-aws", s3_region="eu-west-1"))
+    aws = S3StateStore(
+        Settings(state_store="s3", s3_bucket="b-aws", s3_region="eu-west-1"), keyring=KEYRING
+    )
     assert (aws.client.meta.config.s3 or {}).get("addressing_style") in (None, "auto")
 
 
 async def test_s3_bucket_is_never_created_implicitly(moto_url: str) -> None:
-    store = S3StateStore(s3_settings(moto_url))
+    store = S3StateStore(s3_settings(moto_url), keyring=KEYRING)
     with pytest.raises(StateStoreError, match="NoSuchBucket"):
         await store.put("web", 1, b"{}", sha(b"{}"))
     await store.ensure_bucket()
@@ -243,7 +351,7 @@ async def test_s3_bucket_is_never_created_implicitly(moto_url: str) -> None:
 
 
 async def test_s3_empty_prefix_and_bad_workspace(moto_url: str) -> None:
-    store = S3StateStore(s3_settings(moto_url, prefix=""))
+    store = S3StateStore(s3_settings(moto_url, prefix=""), keyring=KEYRING)
     assert store.key("web", 12) == "web/00000012.tfstate"
     for bad in ("", "../x", "a//b"):
         with pytest.raises(StateStoreError):
@@ -253,7 +361,7 @@ async def test_s3_empty_prefix_and_bad_workspace(moto_url: str) -> None:
 async def test_s3_server_down_raises_quickly_without_credentials_in_message() -> None:
     server = start_moto()
     url = endpoint(server)
-    store = S3StateStore(s3_settings(url))
+    store = S3StateStore(s3_settings(url), keyring=KEYRING)
     await store.ensure_bucket()
     stop_moto(server)  # a real outage: nothing listens any more
     started = time.monotonic()
@@ -267,7 +375,7 @@ async def test_s3_server_down_raises_quickly_without_credentials_in_message() ->
 
 
 async def test_s3_stuck_server_times_out(moto_url: str) -> None:
-    store = S3StateStore(s3_settings(moto_url))
+    store = S3StateStore(s3_settings(moto_url), keyring=KEYRING)
     await store.ensure_bucket()
     # A server that accepts connections (the kernel does, into the backlog) and never answers.
     with socket.socket() as stuck:
@@ -276,6 +384,7 @@ async def test_s3_stuck_server_times_out(moto_url: str) -> None:
         host, port = stuck.getsockname()
         hung = S3StateStore(
             s3_settings(f"http://{host}:{port}", bucket=store.bucket),
+            keyring=KEYRING,
             read_timeout=1,
             max_attempts=1,
         )
@@ -288,7 +397,7 @@ async def test_s3_stuck_server_times_out(moto_url: str) -> None:
 async def test_put_with_retries_survives_a_real_outage() -> None:
     server = start_moto()
     host, port = server.get_host_and_port()
-    store = S3StateStore(s3_settings(endpoint(server)))
+    store = S3StateStore(s3_settings(endpoint(server)), keyring=KEYRING)
     await store.ensure_bucket()
     stop_moto(server)
     restarted: list[ThreadedMotoServer] = []
@@ -357,10 +466,16 @@ async def test_put_with_retries_backoff_and_last_error() -> None:
     assert conflict.calls == 1
 
 
-async def test_make_state_store(pool: AsyncConnectionPool, moto_url: str) -> None:
-    assert isinstance(make_state_store(Settings(), pool), PostgresStateStore)
-    s3 = make_state_store(s3_settings(moto_url), pool)
-    assert isinstance(s3, S3StateStore) and s3.name == "s3"
+async def test_make_state_store(pool: AsyncConnectionPool, moto_url: str, tmp_path) -> None:
+    store = make_state_store(Settings(), pool, KEYRING)
+    assert isinstance(store, PostgresStateStore) and store.keyring is KEYRING
+    s3 = make_state_store(s3_settings(moto_url), pool, KEYRING)
+    assert isinstance(s3, S3StateStore) and s3.name == "s3" and s3.keyring is KEYRING
+    # Without one: the key ring the settings name (the data dir's key file, as the services').
+    settings = Settings(data_dir=str(tmp_path))
+    default = make_state_store(settings, pool)
+    assert isinstance(default, PostgresStateStore)
+    assert default.keyring.key_ids == KeyRing.from_settings(settings).key_ids
 
 
 # -- the index ----------------------------------------------------------------------------------
@@ -389,7 +504,7 @@ async def persist(pool, store, workspace: str, content: bytes, deploy_id: str | 
 async def test_next_version_is_distinct_and_consecutive_under_concurrency(
     pool: AsyncConnectionPool,
 ) -> None:
-    store = PostgresStateStore(pool)
+    store = PostgresStateStore(pool, KEYRING)
 
     async def writer(i: int) -> int:
         row = await persist(pool, store, "busy", tfstate(serial=i))
@@ -442,14 +557,14 @@ async def test_next_version_needs_a_transaction(database_url: str) -> None:
 
 
 async def test_next_version_skips_numbers_held_by_orphan_blobs(pool: AsyncConnectionPool) -> None:
-    store = PostgresStateStore(pool)
+    store = PostgresStateStore(pool, KEYRING)
     await store.put("ws", 1, b"{}", sha(b"{}"))  # its index row never committed
     async with pool.connection() as conn, conn.transaction():
         assert await index.next_version(conn, "ws") == 2
 
 
 async def test_latest_list_and_get_version(pool: AsyncConnectionPool) -> None:
-    store = PostgresStateStore(pool)
+    store = PostgresStateStore(pool, KEYRING)
     deploy = str(uuid4())
     for serial in (1, 2, 3):
         await persist(pool, store, "web", tfstate(serial=serial), deploy)
@@ -496,21 +611,35 @@ async def test_s3_store_with_the_index(pool: AsyncConnectionPool, s3_store: S3St
 
 
 async def test_save_emergency(pool: AsyncConnectionPool) -> None:
-    content, deploy = tfstate(), str(uuid4())
+    content, deploy = tfstate(password="hunter2-rescued"), str(uuid4())
     async with pool.connection() as conn:
         async with conn.transaction():
             loc = await index.save_emergency(
-                conn, "web", deploy, 2, content, sha(content), "s3 down"
+                conn, "web", deploy, 2, content, sha(content), "s3 down", keyring=KEYRING
             )
             loc2 = await index.save_emergency(
-                conn, "web", deploy, 3, content, sha(content), "again"
+                conn, "web", deploy, 3, content, sha(content), "again", keyring=KEYRING
             )
         assert loc.startswith("postgres-emergency:") and loc != loc2
-        row = await index.get_emergency(conn, loc)
+        row = await index.get_emergency(conn, loc, KEYRING)
         assert row is not None
         assert row["content"] == content and row["deploy_id"] == deploy and row["attempt"] == 2
         assert row["reason"] == "s3 down" and row["sha256"] == sha(content)
-        assert await index.get_emergency(conn, "postgres-emergency:999999") is None
+        assert await index.get_emergency(conn, "postgres-emergency:999999", KEYRING) is None
+        cur = await conn.execute("SELECT content FROM state_emergency")
+        for (blob,) in await cur.fetchall():
+            assert blob.startswith(KEYRING.primary_prefix) and b"hunter2" not in blob
+        with pytest.raises(SecretsError):
+            await index.get_emergency(conn, loc, KeyRing(generate_key()))
+        # One rescued in plain text before encryption at rest reads as it is.
+        cur = await conn.execute(
+            "INSERT INTO state_emergency (workspace, deploy_id, attempt, sha256, content, reason)"
+            " VALUES ('web', %s, 1, %s, %s, 'old') RETURNING id",
+            (deploy, sha(content), content),
+        )
+        old_id = (await cur.fetchone())[0]
+        row = await index.get_emergency(conn, f"postgres-emergency:{old_id}", KEYRING)
+        assert row is not None and row["content"] == content
 
 
 def test_state_meta() -> None:
@@ -537,11 +666,11 @@ class _FlakyReads:
         return {"Body": io.BytesIO(self.content), "Metadata": {"sha256": sha(self.content)}}
 
 
-def _client_error(status: int, code: str) -> Exception:
+def _client_error(status: int, code: str, message: str = "x") -> Exception:
     from botocore.exceptions import ClientError
 
     return ClientError(
-        {"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}},
         "GetObject",
     )
 
@@ -556,13 +685,13 @@ async def test_s3_get_retries_transient_failures_only() -> None:
     for error in (_client_error(503, "SlowDown"), _client_error(500, "InternalError"),
                   EndpointConnectionError(endpoint_url="http://127.0.0.1:1")):
         flaky = _FlakyReads(2, error, content)
-        assert await S3StateStore(settings, client=flaky).get("web", 1, "") == content
+        assert await S3StateStore(settings, client=flaky, keyring=KEYRING).get("web", 1, "") == content
         assert flaky.calls == 3
         down = _FlakyReads(10, error, content)
         with pytest.raises(StateStoreError):
-            await S3StateStore(settings, client=down).get("web", 1, "")
+            await S3StateStore(settings, client=down, keyring=KEYRING).get("web", 1, "")
         assert down.calls == 3
     missing = _FlakyReads(10, _client_error(404, "NoSuchKey"), content)
     with pytest.raises(StateStoreError, match="NoSuchKey"):
-        await S3StateStore(settings, client=missing).get("web", 1, "")
+        await S3StateStore(settings, client=missing, keyring=KEYRING).get("web", 1, "")
     assert missing.calls == 1

@@ -274,7 +274,8 @@ async def test_store_fails_then_recovers_within_the_quick_retries(
         versions = await env.versions()
         assert [(v[0], v[1], v[2], v[3]) for v in versions] == [("back", 1, d, 1)]
         persisted = events[2]["data"]
-        stored = env.direct.get_object(Bucket=BUCKET, Key=persisted["location"].split("/", 3)[3])["Body"].read()
+        raw = env.direct.get_object(Bucket=BUCKET, Key=persisted["location"].split("/", 3)[3])["Body"].read()
+        stored = env.services.extras["keyring"].open(raw)  # sealed at rest; the digest is the plaintext's
         assert hashlib.sha256(stored).hexdigest() == persisted["sha256"] == versions[0][5]
         puts = [r for r in env.proxy.log if _is_state_put(r[1], r[2])]
         assert [r[3] for r in puts[:2]] == [fault, fault] and puts[-1][3] == "ok"
@@ -345,7 +346,8 @@ async def test_flapping_store_under_concurrent_deploys_loses_and_mixes_nothing(
             for v in mine:
                 key = v[4].split("/", 3)[3]
                 assert key.endswith(f"/{w}/{v[1]:08d}.tfstate")
-                content = env.direct.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+                raw = env.direct.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+                content = env.services.extras["keyring"].open(raw)
                 assert hashlib.sha256(content).hexdigest() == v[5]
                 doc = json.loads(content)
                 tags = {r["instances"][0]["attributes"]["input"]["value"] for r in doc["resources"]}

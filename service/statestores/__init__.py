@@ -1,4 +1,5 @@
-"""State stores: where tfstate content lives (PostgreSQL or S3), chosen by settings."""
+"""State stores: where tfstate content lives (PostgreSQL or S3), chosen by settings; sealed with
+the key ring either way."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from service.statestores.postgres import PostgresStateStore, StateConflict
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
+    from service.secrets import KeyRing
     from service.settings import Settings
 
 __all__ = [
@@ -24,13 +26,20 @@ __all__ = [
 ]
 
 
-def make_state_store(settings: Settings, pool: AsyncConnectionPool) -> StateStore:
-    """The store ``TFDEPLOY_STATE_STORE`` names."""
+def make_state_store(
+    settings: Settings, pool: AsyncConnectionPool, keyring: KeyRing | None = None
+) -> StateStore:
+    """The store ``TFDEPLOY_STATE_STORE`` names, sealing with ``keyring`` (the process's,
+    ``services.extras["keyring"]``; by default the one the settings name: the same keys)."""
+    if keyring is None:
+        from service.secrets import KeyRing
+
+        keyring = KeyRing.from_settings(settings)
     if settings.state_store == "s3":
         from service.statestores.s3 import S3StateStore  # boto3 only when it is used
 
-        return S3StateStore(settings)
-    return PostgresStateStore(pool)
+        return S3StateStore(settings, keyring=keyring)
+    return PostgresStateStore(pool, keyring)
 
 
 async def put_with_retries(

@@ -5,8 +5,12 @@ in a bucket. Either way, every version's metadata is a row of ``state_versions``
 (the index that ``GET /workspaces/{name}/states`` serves), written by the caller in the same
 transaction as the ``StatePersisted`` event (see ``service.statestores.index``).
 
-Implementations: ``postgres.PostgresStateStore(pool)`` and ``s3.S3StateStore(settings)``;
-``make_state_store(settings, pool)`` picks one, ``put_with_retries`` retries a put a few times.
+Content is sealed with the key ring (``service.secrets.KeyRing``) before it is stored, and opened
+by ``get``; the ``sha256`` passed around and recorded is always that of the plaintext.
+
+Implementations: ``postgres.PostgresStateStore(pool, keyring)`` and
+``s3.S3StateStore(settings, keyring=...)``; ``make_state_store(settings, pool, keyring)`` picks
+one, ``put_with_retries`` retries a put a few times.
 """
 
 from __future__ import annotations

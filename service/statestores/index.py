@@ -1,4 +1,5 @@
-"""The PostgreSQL index of state versions, and the emergency copy of last resort.
+"""The PostgreSQL index of state versions, and the emergency copy of last resort (sealed with the
+key ring, like every state at rest).
 
 Plain async functions over an open connection; the caller owns the transaction, so
 ``next_version`` .. ``record_version`` and the ``StatePersisted`` event commit together.
@@ -21,6 +22,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
+from service.secrets import KeyRing
 from service.statestores.base import StoredState
 
 Conn = AsyncConnection[Any]
@@ -187,8 +189,11 @@ async def save_emergency(
     content: bytes,
     sha256: str,
     reason: str,
+    *,
+    keyring: KeyRing,
 ) -> str:
-    """Keep a state that could be neither stored nor destroyed; returns its location."""
+    """Keep a state that could be neither stored nor destroyed, sealed; returns its location.
+    ``sha256`` is the plaintext's."""
     rows = await _fetch(
         conn,
         INSERT_EMERGENCY,
@@ -197,19 +202,22 @@ async def save_emergency(
             "deploy_id": deploy_id,
             "attempt": attempt,
             "sha256": sha256,
-            "content": content,
+            "content": keyring.seal(content),
             "reason": reason,
         },
     )
     return f"{EMERGENCY_PREFIX}{rows[0]['id']}"
 
 
-async def get_emergency(conn: Conn, location: str) -> dict[str, Any] | None:
-    """The emergency row at ``location`` (``postgres-emergency:<id>``), content as bytes."""
+async def get_emergency(conn: Conn, location: str, keyring: KeyRing) -> dict[str, Any] | None:
+    """The emergency row at ``location`` (``postgres-emergency:<id>``), content opened (one
+    kept in plain text before encryption at rest reads as it is); SecretsError if no key of
+    the ring opens it."""
     if not location.startswith(EMERGENCY_PREFIX):
         raise ValueError(f"not an emergency location: {location!r}")
     rows = await _fetch(conn, SELECT_EMERGENCY, {"id": int(location[len(EMERGENCY_PREFIX) :])})
     if not rows:
         return None
     row = rows[0]
-    return {**row, "deploy_id": str(row["deploy_id"]), "content": bytes(row["content"])}
+    content = keyring.open(row["content"], legacy_plaintext=True)
+    return {**row, "deploy_id": str(row["deploy_id"]), "content": content}

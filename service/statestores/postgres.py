@@ -1,4 +1,6 @@
-"""The PostgreSQL state store: each tfstate version's content is a row of ``state_blobs``.
+"""The PostgreSQL state store: each tfstate version's content is a row of ``state_blobs``,
+sealed with the key ring (``service.secrets.KeyRing``); ``get`` opens it, and still reads a row
+stored in plain text before encryption at rest (``tfdeploy migrate`` seals those).
 
 ``put`` runs in its own short transaction on a pooled connection, before the caller records the
 version in ``state_versions`` (see ``service.statestores.index``). A blob whose index row never
@@ -12,6 +14,7 @@ import hashlib
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from service.secrets import KeyRing, SecretsError
 from service.statestores.base import StateStoreError, StoredState
 
 INSERT_BLOB = (
@@ -37,25 +40,35 @@ def _check(content: bytes, sha256: str) -> None:
 class PostgresStateStore:
     name = "postgres"
 
-    def __init__(self, pool: AsyncConnectionPool, timeout: float = 10.0) -> None:
+    def __init__(self, pool: AsyncConnectionPool, keyring: KeyRing, timeout: float = 10.0) -> None:
         self.pool = pool
+        self.keyring = keyring
         self.timeout = timeout  # waiting for a pooled connection
 
     async def put(self, workspace: str, version: int, content: bytes, sha256: str) -> StoredState:
         _check(content, sha256)
+        sealed = self.keyring.seal(content)
         try:
             async with self.pool.connection(timeout=self.timeout) as conn, conn.transaction():
-                cur = await conn.execute(INSERT_BLOB, (workspace, version, content))
+                cur = await conn.execute(INSERT_BLOB, (workspace, version, sealed))
                 if cur.rowcount != 1:
+                    # Sealing is randomised: an earlier put of the same content left other
+                    # bytes, so compare what they hold.
                     cur = await conn.execute(SELECT_BLOB, (workspace, version))
                     row = await cur.fetchone()
-                    if row is None or bytes(row[0]) != content:
+                    if row is None or self._open(row[0], workspace, version) != content:
                         raise StateConflict(
                             f"state {workspace}/{version} already exists with another content"
                         )
         except (psycopg.Error, PoolTimeout) as exc:
             raise StateStoreError(f"postgres state store: {type(exc).__name__}") from exc
         return StoredState(store=self.name, location=location_of(workspace, version))
+
+    def _open(self, blob: bytes | memoryview, workspace: str, version: int) -> bytes:
+        try:
+            return self.keyring.open(blob, legacy_plaintext=True)
+        except SecretsError as exc:
+            raise StateStoreError(f"state {workspace}/{version}: {exc}") from None
 
     async def get(self, workspace: str, version: int, location: str) -> bytes:
         try:
@@ -66,4 +79,4 @@ class PostgresStateStore:
             raise StateStoreError(f"postgres state store: {type(exc).__name__}") from exc
         if row is None:
             raise StateStoreError(f"state {workspace}/{version} not found")
-        return bytes(row[0])
+        return self._open(row[0], workspace, version)

@@ -4,7 +4,16 @@ Works with AWS S3, MinIO and NCP Object Storage: path-style addressing when an e
 set, a ``Content-MD5`` header on every upload (which all three verify, refusing a corrupted
 body), no SDK-default flexible checksums (some S3-compatible servers refuse them), short timeouts
 and few retries (the deployer retries on its own). Credentials come from boto3's usual chain and
-never appear in an error message or in object metadata; the only metadata is the sha256.
+never appear in an error message or in object metadata; the only metadata is the sha256 (of the
+plaintext) and the id of the key that sealed the object.
+
+Every object is sealed with the key ring (``service.secrets.KeyRing``) before it leaves: the
+bucket never holds a tfstate in plain text. ``get`` opens it, and still reads an object stored in
+plain text before encryption at rest (``tfdeploy keys rotate`` seals those). On top of that, each
+upload asks for server-side encryption (``ServerSideEncryption="AES256"``, SSE-S3); a store that
+refuses it (MinIO without a KMS answers ``InvalidArgument``, others ``NotImplemented``) gets the
+upload again without it, and this store stops asking for the rest of the process (a warning in
+the log). No setting: the objects are sealed by us either way, SSE only adds the store's own layer.
 
 The bucket is never created implicitly; ``ensure_bucket()`` does it on request (tests, dev).
 """
@@ -14,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import re
 from typing import Any
 
@@ -21,8 +31,11 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from service.secrets import KeyRing, SecretsError
 from service.settings import Settings
 from service.statestores.base import StateStoreError, StoredState
+
+log = logging.getLogger("tfdeploy.s3")
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 # A read is retried here (a put is retried by the deployer, put_with_retries): the deployer
@@ -31,6 +44,12 @@ GET_ATTEMPTS = 3
 GET_RETRY_DELAY = 0.2  # doubling
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError",
                     "ServiceUnavailable", "RequestTimeTooSkewed"}
+# How stores say "no server-side encryption here" (MinIO without a KMS: InvalidArgument).
+_SSE_REFUSED_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest", "KMS.NotConfigured",
+                      "UnsupportedHeader", "InvalidEncryptionAlgorithmError"}
+SSE = "AES256"
+SHA_META = "sha256"
+KEY_META = "tfdeploy-key"  # hex id of the key that sealed the object
 
 
 def _transient(exc: Exception) -> bool:
@@ -87,6 +106,7 @@ class S3StateStore:
         settings: Settings,
         client: Any = None,
         *,
+        keyring: KeyRing | None = None,
         connect_timeout: float = 2.0,
         read_timeout: float = 5.0,
         max_attempts: int = 2,
@@ -97,6 +117,9 @@ class S3StateStore:
         self.bucket = settings.s3_bucket
         self.prefix = settings.s3_prefix.strip("/")
         self.region = settings.s3_region
+        # The service's key ring; by default the one the settings name (the same key file).
+        self.keyring = keyring or KeyRing.from_settings(settings)
+        self.sse: bool = True  # False once the store refused server-side encryption
         if client is None:
             client = boto3.session.Session().client(
                 "s3",
@@ -138,27 +161,49 @@ class S3StateStore:
         if hashlib.sha256(content).hexdigest() != sha256:
             raise StateStoreError("state content does not match its sha256")
         key = self.key(workspace, version)
-        await self._call(f"put {key}", self._put_sync, key, content, sha256)
+        await self._call(f"put {key}", self._put_sync, self.bucket, key, content, sha256)
         return StoredState(store=self.name, location=f"s3://{self.bucket}/{key}")
 
-    def _put_sync(self, key: str, content: bytes, sha256: str) -> None:
-        md5 = base64.b64encode(hashlib.md5(content, usedforsecurity=False).digest()).decode()
-        self.client.put_object(
-            Bucket=self.bucket,
-            Key=key,
-            Body=content,
-            ContentType="application/json",
-            ContentMD5=md5,
-            Metadata={"sha256": sha256},
-        )
-        head = self.client.head_object(Bucket=self.bucket, Key=key)
+    def _put_sync(self, bucket: str, key: str, content: bytes, sha256: str) -> str | None:
+        """Seal and upload ``content``, then check what the store holds; the new object's
+        version id (None on an unversioned bucket)."""
+        sealed = self.keyring.seal(content)
+        md5 = base64.b64encode(hashlib.md5(sealed, usedforsecurity=False).digest()).decode()
+        args: dict[str, Any] = {
+            "Bucket": bucket,
+            "Key": key,
+            "Body": sealed,
+            "ContentType": "application/octet-stream",
+            "ContentMD5": md5,
+            "Metadata": {SHA_META: sha256, KEY_META: self.keyring.primary_id.hex()},
+        }
+        if self.sse:
+            try:
+                resp = self.client.put_object(**args, ServerSideEncryption=SSE)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in _SSE_REFUSED_CODES:
+                    raise
+                # Refused for SSE or for something else: without SSE tells which. If the
+                # store takes it, it does not do SSE; if it refuses again, that error counts.
+                resp = self.client.put_object(**args)
+                self.sse = False
+                log.warning(
+                    "the S3 store refused server-side encryption (%s); objects are stored "
+                    "sealed by tfdeploy's key ring only",
+                    _short("put", exc),
+                )
+        else:
+            resp = self.client.put_object(**args)
+        head = self.client.head_object(Bucket=bucket, Key=key)
         size = head.get("ContentLength")
-        stored_sha = (head.get("Metadata") or {}).get("sha256")
-        if size != len(content) or stored_sha != sha256:
+        stored_sha = (head.get("Metadata") or {}).get(SHA_META)
+        if size != len(sealed) or stored_sha != sha256:
             raise StateStoreError(
                 f"s3 put verification failed for {key}: stored size {size} sha256 {stored_sha}, "
-                f"expected {len(content)} {sha256}"
+                f"expected {len(sealed)} {sha256}"
             )
+        version_id: str | None = resp.get("VersionId")
+        return version_id
 
     async def get(self, workspace: str, version: int, location: str) -> bytes:
         bucket, key = self._parse(workspace, version, location)
@@ -174,18 +219,58 @@ class S3StateStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _get_sync(self, bucket: str, key: str) -> bytes:
+        content, _, _ = self._fetch_sync(bucket, key)
+        return content
+
+    def _fetch_sync(self, bucket: str, key: str) -> tuple[bytes, str, dict[str, Any]]:
+        """The plaintext of an object (opened, checked against its sha256), its sha256, and the
+        GET response's headers (``VersionId``, ``Metadata``)."""
         resp = self.client.get_object(Bucket=bucket, Key=key)
         with resp["Body"] as body:
-            content: bytes = body.read()
-        expected = (resp.get("Metadata") or {}).get("sha256")
-        actual = hashlib.sha256(content).hexdigest()
+            stored: bytes = body.read()
+        expected = (resp.get("Metadata") or {}).get(SHA_META)
         if expected is None:
             raise StateStoreError(f"s3 object {key} has no sha256 metadata")
+        try:
+            content = self.keyring.open(stored, legacy_plaintext=True)
+        except SecretsError as exc:
+            if KeyRing.key_id_of(stored) in self.keyring.key_ids:
+                raise StateStoreError(f"s3 object {key} is corrupted ({exc})") from None
+            raise StateStoreError(f"s3 object {key}: {exc}") from None
+        del stored
+        actual = hashlib.sha256(content).hexdigest()
         if actual != expected:
             raise StateStoreError(
                 f"s3 object {key} is corrupted (sha256 {actual}, expected {expected})"
             )
-        return content
+        return content, actual, resp
+
+    # -- key rotation (service.rotation) -----------------------------------------------------
+
+    def reseal(self, workspace: str, version: int, location: str) -> bool:
+        """Seal one stored version under the key ring's primary key, if it is not already
+        (plain text from before encryption at rest, or an older key): True if it was rewritten.
+        The object is written again under its key and checked, and then the version it
+        replaced is deleted on a versioned bucket, so no copy under the old key (or in plain
+        text) stays behind. Safe to repeat, and beside running deploys (the object of a
+        recorded version never changes content). Blocking: for ``tfdeploy keys rotate`` and
+        ``tfdeploy migrate``, not for the event loop."""
+        bucket, key = self._parse(workspace, version, location)
+        try:
+            return self._reseal_sync(bucket, key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StateStoreError(_short(f"reseal {key}", exc)) from exc
+
+    def _reseal_sync(self, bucket: str, key: str) -> bool:
+        head = self.client.head_object(Bucket=bucket, Key=key)
+        if (head.get("Metadata") or {}).get(KEY_META) == self.keyring.primary_id.hex():
+            return False
+        content, sha256, resp = self._fetch_sync(bucket, key)
+        old_version = resp.get("VersionId")
+        new_version = self._put_sync(bucket, key, content, sha256)
+        if old_version and old_version != "null" and old_version != new_version:
+            self.client.delete_object(Bucket=bucket, Key=key, VersionId=old_version)
+        return True
 
     async def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (tests, ``tfdeploy up`` dev setups only)."""
