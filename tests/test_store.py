@@ -21,15 +21,18 @@ from psycopg import errors
 from psycopg.types.json import Jsonb
 
 from service import store
-from service.events import Requested, Started, to_data
+from service.events import PlanChange, PlanSummary, Requested, Started, to_data
 from service.lifecycle import (
     STATUSES,
+    Approve,
     AttemptFailed,
     AttemptInterrupted,
     AttemptSucceeded,
     Cancel,
     DeployState,
+    Discard,
     PersistedState,
+    PlanMade,
     Replay,
     RequestDeploy,
     StartAttempt,
@@ -110,12 +113,13 @@ def candidates(
                 (
                     RequestDeploy(
                         workspace=workspace,
-                        action=rng.choice(("apply", "destroy")),
+                        action=rng.choice(("apply", "destroy", "apply", "plan")),
                         max_attempts=rng.randint(*max_attempts),
                         owner=owner,
                         files={"main.tf": "b" * 64},
                         variables={"region": rng.choice(("kr-1", "kr-2"))},
                         secret_names=rng.choice(([], ["token"])),
+                        auto_approve=rng.random() < 0.6,
                     ),
                     user,
                 )
@@ -125,6 +129,24 @@ def candidates(
             if cancels:
                 out.append((Cancel(by=user), user))
             return out
+        case "planned":
+            base = state.plan.base_state_version if state.plan else None
+            return [
+                (Approve(by=user, state_version=base), user),
+                (Approve(by=user, state_version=base), user),
+                (Discard(by=user), user),
+            ]
+        case "running" if state.step == "plan" or state.speculative:
+            plan = PlanMade(
+                summary=PlanSummary(add=1),
+                changes=[PlanChange(address="terraform_data.a", type="terraform_data", actions=["create"])],
+                changed=rng.random() < 0.8,
+                plan_sha256="d" * 64,
+                plan_id="" if state.speculative else f"plan:{rng.randint(1, 99)}",
+                base_state_version=state.state_version,
+            )
+            failed = AttemptFailed(reason="apply_failed", step="plan", kind="other", retry_delay=2.0)
+            return [(plan, worker), (plan, worker), (failed, worker)]
         case "running":
             failed = AttemptFailed(
                 reason=rng.choice(("apply_failed", "timeout", "runner_error")),
