@@ -168,7 +168,7 @@ class DeployController(Controller):
         status_code=202,
         summary="Request a deploy",
         operation_class=DeployRequestOperation,
-        responses=error_responses(400, 413, 415, 422),
+        responses=error_responses(400, 403, 404, 413, 415, 422),
         description=(
             "Queues a deploy and answers 202 with it. With an `Idempotency-Key`, the same key "
             "and the same request return the same deploy (header `Idempotent-Replayed: true`); "
@@ -221,7 +221,7 @@ class DeployController(Controller):
             headers["Idempotent-Replayed"] = "true"
         return Response(DeployOut.of(view), status_code=202, headers=headers)
 
-    @get("/", summary="List deploys, newest first", responses=error_responses(400, 422))
+    @get("/", summary="List deploys, newest first", responses=error_responses(400, 404, 422))
     async def list_deploys(
         self,
         services: Services,

@@ -95,7 +95,7 @@ class EventController(Controller):
     @get(
         "/",
         summary="Audit query over all events, in position order",
-        responses=error_responses(400, 422),
+        responses=error_responses(400, 404, 422),
     )
     async def audit(
         self,

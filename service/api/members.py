@@ -9,6 +9,7 @@ decided per request (and re-checked by open streams), never cached.
 from __future__ import annotations
 
 from litestar import Controller, Response, delete, get, put
+from litestar.openapi.datastructures import ResponseSpec
 
 from service.api import access
 from service.api.auth import SECURITY
@@ -43,7 +44,10 @@ class MemberController(Controller):
         "/{user:str}",
         status_code=200,
         summary="Make a user a member (201), or set their role (200); owner or admin",
-        responses=error_responses(400, 403, 404, 422),
+        responses={
+            201: ResponseSpec(data_container=MemberOut, description="A new member."),
+            **error_responses(400, 403, 404, 422),
+        },
     )
     async def set_member(
         self,
