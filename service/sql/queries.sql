@@ -46,7 +46,7 @@ INSERT INTO deploys (id, owner, workspace, action, status, attempt, max_attempts
                      version, created_at, updated_at, workspace_id, workspace_owner)
 VALUES (%(id)s, %(owner)s, %(workspace)s, %(action)s, %(status)s, %(attempt)s, %(max_attempts)s,
         %(cancel_requested)s, %(state_version)s, %(error_reason)s, %(error_message)s,
-        %(version)s, %(created_at)s, %(updated_at)s, %(workspace_id)s::uuid,
+        %(version)s, %(created_at)s, %(updated_at)s, nullif(%(workspace_id)s::text, '')::uuid,
         %(workspace_owner)s)
 ON CONFLICT (id) DO UPDATE SET
     owner = excluded.owner, workspace = excluded.workspace, action = excluded.action,
