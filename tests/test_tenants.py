@@ -500,3 +500,38 @@ async def test_list_workspaces_pages_and_shows_the_latest(
     assert [w["role"] for w in admin.json()["items"]] == ["admin"] * 5
     bad = await client.get("/workspaces", headers=ann, params={"after": "garbage"})
     assert bad.status_code == 400
+
+
+@pytest.mark.parametrize("stream_options", [StreamOptions(ping=15.0, send_timeout=5.0, auth_recheck=0.2)])
+async def test_a_disabled_users_open_streams_end(server: Server, services: Services) -> None:  # noqa: F811
+    """Disabling a user refuses their tokens everywhere, open event streams included (the shared
+    token checks of service/api/streams.py)."""
+    async with services.pool.connection() as conn:
+        eve = await create_token(conn, "eve", admin=True)
+    view, _ = await services.deploys.request(
+        NewDeploy(workspace="w", action="apply", files={"main.tf": MAIN_TF}, max_attempts=1),
+        owner="eve",
+        actor="admin:eve",
+    )
+    ended: list[str] = []
+
+    async def follow(path: str) -> None:
+        async with server.client.stream("GET", path, params={"access_token": eve}) as r:
+            assert r.status_code == 200
+            async for _ in messages(r):
+                pass
+        ended.append(path)
+
+    paths = (stream_url(view.id), "/events/stream")
+    tasks = [asyncio.create_task(follow(p)) for p in paths]
+    for _ in range(250):
+        if server.hub.subscriber_count == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert server.hub.subscriber_count == 2
+    async with services.pool.connection() as conn:
+        assert await disable_user(conn, "eve")
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert sorted(ended) == sorted(paths)
+    refused = await server.client.get("/events/stream", params={"access_token": eve})
+    assert refused.status_code == 401
