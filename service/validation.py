@@ -86,8 +86,9 @@ SAFE_NAME = re.compile(rf"\A{_SEGMENT}(?:/{_SEGMENT})*\Z")
 FILE_SUFFIXES = (".tf", ".tf.json", ".tfvars", ".tfvars.json", ".json")
 WORKSPACE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 USER_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
-#: A workspace as a request names it: ``name`` (the caller's own) or ``owner:name`` (docs/workspaces.md).
-WORKSPACE_REF = re.compile(r"\A(?:[A-Za-z0-9][A-Za-z0-9._@-]{0,63}:)?[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+#: A workspace as a request names it: ``name`` (the caller's own) or ``owner:name``
+#: (docs/workspaces.md). The owner part takes any user name, those made before USER_NAME too.
+WORKSPACE_REF = re.compile(r"\A(?:[^:\s\x00-\x1f\x7f]{1,64}:)?[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 VARIABLE_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_-]*\Z")
 
 

@@ -74,6 +74,8 @@ OLD_SCRIPT = textwrap.dedent(
             out["tokens"]["root"] = await create_token(conn, "root", admin=True)
             out["tokens"]["carl"] = await create_token(conn, "carl")
             await revoke_token(conn, "carl")
+            # A name the old rules took and the new ones would not (it starts with "_").
+            out["tokens"]["_svc"] = await create_token(conn, "_svc")
 
         async def request(owner, workspace, files, **kw):
             new = NewDeploy(workspace=workspace, action="apply", files=files,
@@ -91,6 +93,7 @@ OLD_SCRIPT = textwrap.dedent(
             ("alice", "site", ONE, {"variables": {"name": "site-1"}}),
             ("bob", "api", ONE, {"variables": {"name": "api-1"}}),
             ("bob", "api", FAILS, {}),
+            ("_svc", "tools", ONE, {"variables": {"name": "tools-1"}}),
         ]
         for owner, workspace, tf, kw in plan:
             deploy_id = await request(owner, workspace, {"main.tf": tf}, **kw)
@@ -126,7 +129,7 @@ OLD_SCRIPT = textwrap.dedent(
 class OldData(msgspec.Struct, kw_only=True):
     """What the previous version left in the database."""
 
-    tokens: dict[str, str]  # alice, alice-ci, bob, root (admin), carl (revoked)
+    tokens: dict[str, str]  # alice, alice-ci, bob, root (admin), carl (revoked), _svc
     deploys: dict[str, dict[str, str]]  # id -> owner, workspace (a name), status
     queued: list[str]  # alice's to "site" (with a secret), bob's to the contested "prod"
     states: list[list[Any]]  # [workspace name, version, sha256, serial, lineage]
@@ -239,11 +242,14 @@ def rows(url: str, sql: str) -> list[tuple[Any, ...]]:
 def test_the_previous_version_left_what_we_meant(upgraded: Upgraded) -> None:
     """The data the checks below rely on (so none of them passes on an empty database)."""
     old = upgraded.old
-    assert [(s[0], s[1]) for s in old.states] == [("api", 1), ("prod", 1), ("prod", 2), ("site", 1)]
+    assert [(s[0], s[1]) for s in old.states] == [
+        ("api", 1), ("prod", 1), ("prod", 2), ("site", 1), ("tools", 1)
+    ]
     statuses = sorted(
         (v["owner"], v["workspace"], v.get("status", "queued")) for v in old.deploys.values()
     )
     assert statuses == [
+        ("_svc", "tools", "succeeded"),
         ("alice", "prod", "succeeded"),
         ("alice", "site", "queued"),
         ("alice", "site", "succeeded"),
@@ -258,7 +264,13 @@ def test_the_previous_version_left_what_we_meant(upgraded: Upgraded) -> None:
 def test_token_names_became_users_and_owners_are_kept(upgraded: Upgraded) -> None:
     old = upgraded.old
     users = rows(upgraded.url, "SELECT name, admin, disabled_at IS NULL FROM users ORDER BY name")
-    assert users == [("alice", False, True), ("bob", False, True), ("carl", False, True), ("root", True, True)]
+    assert users == [
+        ("_svc", False, True),
+        ("alice", False, True),
+        ("bob", False, True),
+        ("carl", False, True),
+        ("root", True, True),
+    ]
     tokens = rows(
         upgraded.url,
         "SELECT u.name, t.admin, t.revoked_at IS NOT NULL FROM api_tokens t"
@@ -270,6 +282,7 @@ def test_token_names_became_users_and_owners_are_kept(upgraded: Upgraded) -> Non
         ("bob", False, False),
         ("root", True, False),
         ("carl", False, True),
+        ("_svc", False, False),
     ]
     owners = dict(rows(upgraded.url, "SELECT id::text, owner FROM deploys"))
     assert owners == {d: v["owner"] for d, v in old.deploys.items()}
@@ -279,7 +292,7 @@ def test_token_names_became_users_and_owners_are_kept(upgraded: Upgraded) -> Non
         f"SELECT count(*) FILTER (WHERE position <= {old.last_position}),"
         f" count(*) FILTER (WHERE position > {old.last_position}) FROM events",
     )[0]
-    assert counted == (old.events, 3)
+    assert counted == (old.events, 4)
     created = rows(
         upgraded.url,
         "SELECT data->>'name', data->>'owner', actor, stream_kind, version FROM events"
@@ -289,6 +302,7 @@ def test_token_names_became_users_and_owners_are_kept(upgraded: Upgraded) -> Non
         ("api", "bob", "system:migration", "workspace", 1),
         ("prod", "alice", "system:migration", "workspace", 1),
         ("site", "alice", "system:migration", "workspace", 1),
+        ("tools", "_svc", "system:migration", "workspace", 1),
     ]
 
 
@@ -296,7 +310,7 @@ def test_each_name_went_to_its_first_deployer_and_contested_ones_are_listed(
     upgraded: Upgraded,
 ) -> None:
     spaces = rows(upgraded.url, "SELECT name, owner FROM workspaces ORDER BY name")
-    assert spaces == [("api", "bob"), ("prod", "alice"), ("site", "alice")]
+    assert spaces == [("api", "bob"), ("prod", "alice"), ("site", "alice"), ("tools", "_svc")]
     # Every deploy points at the workspace its name became, whoever requested it.
     pointed = rows(
         upgraded.url,
@@ -382,6 +396,10 @@ async def test_states_are_read_through_the_new_api_by_their_owner_only(
     failed = next(d for d, v in old.deploys.items() if v.get("status") == "failed")
     logs = await app.get("bob", f"/deploys/{failed}/logs")
     assert logs.status_code == 200 and "failing" in logs.text
+    # A user whose name the new rules would not take still reads theirs; others name it.
+    assert (await app.get("_svc", "/workspaces/tools/state")).status_code == 200
+    assert (await app.get("root", "/workspaces/_svc:tools/outputs")).status_code == 200
+    assert (await app.get("alice", "/workspaces/_svc:tools/state")).status_code == 404
     listed = {w["ref"]: w for w in (await app.get("alice", "/workspaces")).json()["items"]}
     assert sorted(listed) == ["alice:prod", "alice:site"]
     assert listed["alice:prod"]["latest_state"]["version"] == 2

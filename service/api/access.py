@@ -31,7 +31,7 @@ from service.deploys import NotFound
 from service.projection import DeployView
 from service.queries import q
 from service.services import Services
-from service.validation import USER_NAME, WORKSPACE_NAME
+from service.validation import WORKSPACE_NAME, WORKSPACE_REF
 from service.workspaces import Workspace, WorkspaceNotFound, parse_ref
 
 # The caller's standing in a workspace; None: none at all (then it does not exist for them).
@@ -101,7 +101,7 @@ async def workspace(
     "deploy", "manage"). WorkspaceNotFound (404) when it does not exist or is not theirs to
     see; PermissionDenied (403) when they see it but may not do ``need``."""
     owner, name = parse_ref(ref, principal.name)
-    if USER_NAME.match(owner) is None or WORKSPACE_NAME.match(name) is None:
+    if WORKSPACE_REF.match(ref) is None or WORKSPACE_NAME.match(name) is None:
         raise WorkspaceNotFound()  # no workspace carries such a name: no query
     async with services.pool.connection() as conn:
         found = await workspaces.find_with_role(conn, owner, name, principal.name)
@@ -188,8 +188,9 @@ async def still_sees_deploy(services: Services, principal: Principal, deploy: De
 
 
 def member_name(user: str) -> str:
-    """A user name from a path: 404 for one no user may carry (no query)."""
-    if USER_NAME.match(user) is None:
+    """A user name from a path: 404 for one no user may carry (no query). Names made before
+    users had rules (tokens of the previous version) are taken as they are."""
+    if not 1 <= len(user) <= 64 or not user.isprintable() or ":" in user or " " in user:
         raise NotFound("user not found")
     return user
 

@@ -39,7 +39,7 @@ from service.db import autocommit
 from service.deploys import NotFound
 from service.services import Services
 from service.statestores import index
-from service.validation import USER_NAME, WORKSPACE_NAME
+from service.validation import WORKSPACE_NAME, WORKSPACE_REF
 from service.workspaces import Workspace, list_visible, record_download
 
 STATES_LIMIT_MAX = 200
@@ -185,8 +185,8 @@ async def _downloaded(
 def _after(after: str | None) -> tuple[str, str] | None:
     if after is None or after == "":
         return None
-    owner, sep, name = after.partition(":")
-    if not sep or USER_NAME.match(owner) is None or WORKSPACE_NAME.match(name) is None:
+    owner, sep, name = after.rpartition(":")
+    if not sep or WORKSPACE_REF.match(after) is None or WORKSPACE_NAME.match(name) is None:
         raise Malformed("after must be a workspace ref owner:name (the next of the previous page)")
     return owner, name
 
