@@ -6,7 +6,9 @@
 Loads a realistic event history into a throwaway database -- deploys of ~40 users in ~200
 workspaces over a year: most succeed at once, some after retries, some fail for good (a few of
 those replayed by an admin), some are cancelled, a few lose their state -- with the actors the
-service records (``user:<name>``, ``worker:<id>``, ``admin:<name>``). Then it times pages of the
+service records (``user:<name>``, ``worker:<id>``, ``admin:<name>``). Workspaces are per user;
+the seven "team" workspaces belong to their team's lead, and everyone else who deploys to one is
+a ``deploy`` member of it (so users' scopes include members' deploys). Then it times pages of the
 audit query, each filter alone and combined, the first page and a deep ``after`` page: the
 query on one connection as the API runs it (service.api.events.audit_page: never a prepared
 statement, so each page is planned for its own filter values), and the whole HTTP route
@@ -248,6 +250,8 @@ SELECT g.n,
        'user' || g.u AS owner,
        CASE WHEN g.r_team < 0.1 THEN 'team-' || (g.u %% 7)
             ELSE 'ws-' || g.u || '-' || floor(g.r_ws * (1 + g.u %% 6))::int END AS workspace,
+       -- a team workspace belongs to its lead; the others are their deployer's own
+       'user' || CASE WHEN g.r_team < 0.1 THEN g.u %% 7 ELSE g.u END AS ws_owner,
        CASE WHEN g.r_action < 0.05 THEN 'destroy' ELSE 'apply' END AS action,
        s.scenario, s.status, s.steps,
        %(t0)s::timestamptz + (g.n::float8 / %(deploys)s) * %(span)s * interval '1 day'
@@ -261,6 +265,19 @@ FROM (SELECT n,
 JOIN bench_scenarios s ON g.r_pick >= s.lo AND g.r_pick < s.hi;
 """
 
+WORKSPACES_SQL = """
+ALTER TABLE bench_deploys ADD COLUMN workspace_id uuid;
+UPDATE bench_deploys SET workspace_id = md5('bench-ws-' || ws_owner || ':' || workspace)::uuid;
+INSERT INTO users (name)
+SELECT owner FROM bench_deploys UNION SELECT ws_owner FROM bench_deploys
+ON CONFLICT DO NOTHING;
+INSERT INTO workspaces (id, owner, name, created_at)
+SELECT DISTINCT ON (workspace_id) workspace_id, ws_owner, workspace, start_at
+FROM bench_deploys ORDER BY workspace_id, start_at;
+INSERT INTO workspace_members (workspace_id, user_name, role)
+SELECT DISTINCT workspace_id, owner, 'deploy' FROM bench_deploys WHERE owner <> ws_owner;
+"""
+
 EVENTS_SQL = """
 INSERT INTO events (deploy_id, version, type, data, actor, recorded_at)
 SELECT id, step, type, data, actor, recorded_at FROM (
@@ -268,8 +285,9 @@ SELECT id, step, type, data, actor, recorded_at FROM (
            st.data
              || CASE st.type
                   WHEN 'Requested' THEN jsonb_build_object(
-                      'workspace', d.workspace, 'owner', d.owner, 'action', d.action)
-                  WHEN 'StatePersisted' THEN jsonb_build_object('workspace', d.workspace)
+                      'workspace', d.workspace, 'owner', d.owner, 'action', d.action,
+                      'workspace_id', d.workspace_id, 'workspace_owner', d.ws_owner)
+                  WHEN 'StatePersisted' THEN jsonb_build_object('workspace', d.workspace_id)
                   WHEN 'Started' THEN jsonb_build_object(
                       'worker', 'w' || ((d.n + (st.data->>'attempt')::int) %% %(workers)s))
                   ELSE '{}'::jsonb END
@@ -293,10 +311,11 @@ ORDER BY recorded_at, id, step;
 READ_MODEL_SQL = """
 INSERT INTO deploys (id, owner, workspace, action, status, attempt, max_attempts,
                      cancel_requested, state_version, error_reason, error_message, version,
-                     created_at, updated_at)
+                     created_at, updated_at, workspace_id, workspace_owner)
 SELECT d.id, d.owner, d.workspace, d.action,
        CASE WHEN e.version = d.steps THEN d.status ELSE 'deploying' END,
-       1, 3, false, NULL, NULL, NULL, e.version, e.created_at, e.updated_at
+       1, 3, false, NULL, NULL, NULL, e.version, e.created_at, e.updated_at, d.workspace_id,
+       d.ws_owner
 FROM bench_deploys d
 JOIN (SELECT deploy_id, max(version) AS version, min(recorded_at) AS created_at,
              max(recorded_at) AS updated_at
@@ -338,6 +357,7 @@ def load(url: str, target: int) -> float:
                 "events": target,
             }
             conn.execute(DEPLOYS_SQL, params)
+            conn.execute(WORKSPACES_SQL.encode())
             # A bulk load: no NOTIFY per row (nobody listens to a throwaway database).
             conn.execute("ALTER TABLE events DISABLE TRIGGER events_notify")
             conn.execute(EVENTS_SQL, params)
@@ -381,7 +401,8 @@ def pick_cases(url: str) -> list[Case]:
             "SELECT owner, count(*) FROM deploys GROUP BY owner ORDER BY 2 DESC"
         ).fetchall()
         by_ws = conn.execute(
-            "SELECT workspace, count(*) FROM deploys GROUP BY workspace ORDER BY 2 DESC"
+            "SELECT workspace_owner || ':' || workspace, count(*) FROM deploys"
+            " GROUP BY 1 ORDER BY 2 DESC"
         ).fetchall()
     top_owner, rare_owner = by_owner[0][0], by_owner[-1][0]
     mid_owner = by_owner[len(by_owner) // 2][0]
@@ -389,13 +410,13 @@ def pick_cases(url: str) -> list[Case]:
     week_ago = t_last - timedelta(days=7)
     mid = t_first + (t_last - t_first) / 2
     day = (mid, mid + timedelta(days=1))
-    rare_ws_of_top = f"ws-{top_owner.removeprefix('user')}-0"
+    rare_ws_of_top = f"{top_owner}:ws-{top_owner.removeprefix('user')}-0"
     cases = [
         Case("no filter (admin)", {}),
         Case("deploy_id", {"deploy_id": str(busiest_deploy)}),
         Case(f"workspace (largest: {top_ws})", {"workspace": top_ws}),
         Case(f"workspace (median: {mid_ws})", {"workspace": mid_ws}),
-        Case("workspace (unknown)", {"workspace": "no-such-workspace"}),
+
         Case("type=Failed", {"type": "Failed"}),
         Case("type=StateRescued (rare)", {"type": "StateRescued"}),
         Case("actor=worker:w3", {"actor": "worker:w3"}),
@@ -474,16 +495,23 @@ async def timed(fn: Callable[[], Awaitable[Any]], runs: int) -> tuple[list[float
     return out, result
 
 
+WORKSPACE_IDS: dict[str, str] = {}  # ref -> id, filled by measure()
+
+
 def explain_params(case: Case) -> dict[str, Any]:
+    """The query's parameters as GET /events makes them: a workspace ref becomes its id (and
+    its own stream's events for its owner and admins); a user is the viewer."""
     f = case.filters
+    ref = f.get("workspace")
     return {
         "after": f.get("after", 0),
         "limit": PAGE + 1,
         "deploy_id": f.get("deploy_id"),
-        "workspace": f.get("workspace"),
+        "workspace_id": WORKSPACE_IDS[ref] if ref else None,
+        "workspace_stream": bool(ref) and (case.owner is None or ref.startswith(f"{case.owner}:")),
         "type": f.get("type"),
         "actor": f.get("actor"),
-        "owner": case.owner,
+        "viewer": case.owner,
         "since": f.get("since"),
         "until": f.get("until"),
     }
@@ -524,6 +552,8 @@ async def measure(url: str, cases: list[Case], runs: int, show_plans: bool) -> N
             for case in cases:
                 if case.owner and case.owner not in tokens:
                     tokens[case.owner] = await create_token(conn, case.owner)
+            cur = await conn.execute("SELECT owner || ':' || name, id::text FROM workspaces")
+            WORKSPACE_IDS.update(dict(await cur.fetchall()))
         app = create_app(services)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
         transport = httpx.ASGITransport(app=app)
@@ -579,7 +609,7 @@ async def measure(url: str, cases: list[Case], runs: int, show_plans: bool) -> N
             # The API plans each page for its own values (plan_cache_mode); check none was generic.
             cur = await conn.execute(
                 "SELECT coalesce(sum(generic_plans), 0), coalesce(sum(custom_plans), 0) "
-                "FROM pg_prepared_statements WHERE statement LIKE '%%FROM events e%%'"
+                "FROM pg_prepared_statements WHERE statement LIKE '%%cutoff AS MATERIALIZED%%'"
             )
             generic, custom = await cur.fetchone() or (0, 0)
         print("-" * len(header))

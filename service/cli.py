@@ -218,13 +218,14 @@ def _close_event_streams(services: Any = None) -> None:
 
 
 async def _ensure_admin_token(services: Any, settings: Settings) -> None:
-    """On a fresh embedded install, make a first admin token so the API can be used at once."""
-    from service.auth import create_token, list_tokens
+    """On a fresh embedded install, make a first admin user and token so the API can be used at
+    once."""
+    from service.auth import create_token, list_users
 
     async with services.pool.connection() as conn:
-        if await list_tokens(conn):
+        if await list_users(conn):
             return
-        token = await create_token(conn, "admin", admin=True)
+        token = await create_token(conn, "admin", admin=True, label="first admin (tfdeploy up)")
     path = settings.data_path / "admin.token"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -396,28 +397,114 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     print("not finished: keep the old keys, fix what is listed and run it again", file=sys.stderr)
     return 1
+def _when(at: datetime | None) -> str:
+    return f"{at:%Y-%m-%d %H:%M}" if at else "-"
+
+
+async def _connect(url: str) -> Any:
+    import psycopg
+
+    return await psycopg.AsyncConnection.connect(url, autocommit=True)
+
+
+def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
+    from service import auth
+
+    async def go(url: str) -> int:
+        async with await _connect(url) as conn:
+            if args.user_cmd == "create":
+                await auth.create_user(conn, args.name, admin=args.admin)
+                print(f"user {args.name} created{' (admin)' if args.admin else ''}")
+            elif args.user_cmd == "list":
+                print(f"{'user':<24} {'role':<6} {'created':<16}  {'tokens':>6}  state")
+                for u in await auth.list_users(conn):
+                    role = "admin" if u["admin"] else "user"
+                    state = f"disabled {_when(u['disabled_at'])}" if u["disabled_at"] else "active"
+                    print(f"{_safe(u['name']):<24} {role:<6} {_when(u['created_at']):<16}  {u['tokens']:>6}  {state}")
+            else:
+                if not await auth.disable_user(conn, args.name):
+                    print(f"no enabled user {args.name!r}", file=sys.stderr)
+                    return 1
+                print(f"user {args.name} disabled: their tokens are refused from now on")
+        return 0
+
+    with database(settings, quiet=True) as db:
+        try:
+            return asyncio.run(go(db.url))
+        except auth.UserError as exc:
+            print(f"tfdeploy: {exc}", file=sys.stderr)
+            return 1
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from service import auth
 
     async def go(url: str) -> int:
-        import psycopg
-
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        async with await _connect(url) as conn:
             if args.token_cmd == "create":
-                print(await auth.create_token(conn, args.name, admin=args.admin))
+                expires = datetime.now(UTC) + args.expires if args.expires else None
+                if args.user:
+                    token = await auth.create_user_token(
+                        conn, args.user, expires_at=expires, label=args.label
+                    )
+                else:
+                    token = await auth.create_token(
+                        conn, args.name, admin=args.admin, expires_at=expires, label=args.label
+                    )
+                print(token)
             elif args.token_cmd == "list":
+                print(
+                    f"{'id':>5}  {'user':<24} {'label':<20} {'role':<6} {'created':<16}  "
+                    f"{'expires':<16}  {'last used':<16}  state"
+                )
                 for t in await auth.list_tokens(conn):
-                    state = f"revoked {t['revoked_at']:%Y-%m-%d %H:%M}" if t["revoked_at"] else "active"
                     role = "admin" if t["admin"] else "user"
-                    print(f"{t['id']:>5}  {t['name']:<24} {role:<6} {t['created_at']:%Y-%m-%d %H:%M}  {state}")
+                    print(
+                        f"{t['id']:>5}  {_safe(t['user']):<24} {_safe(t['label'] or '-'):<20} "
+                        f"{role:<6} {_when(t['created_at']):<16}  {_when(t['expires_at']):<16}  "
+                        f"{_when(t['last_used_at']):<16}  {auth.token_state(t)}"
+                    )
             else:
-                n = await auth.revoke_token(conn, args.ref)
-                if not n:
-                    print(f"no active token {args.ref!r}", file=sys.stderr)
+                if not await auth.revoke_token(conn, args.id):
+                    print(f"no active token with id {args.id}", file=sys.stderr)
                     return 1
-                print(f"revoked {n} token(s)")
+                print(f"revoked token {args.id}")
+        return 0
+
+    if args.token_cmd == "create" and bool(args.user) == bool(args.name):
+        print("tfdeploy: give --user NAME (an existing user) or --name NAME", file=sys.stderr)
+        return 2
+    if args.token_cmd == "create" and args.user and args.admin:
+        print("tfdeploy: --admin goes with --name (a user's tokens are admin ones if the user is)", file=sys.stderr)
+        return 2
+    with database(settings, quiet=True) as db:
+        try:
+            return asyncio.run(go(db.url))
+        except auth.UserError as exc:
+            print(f"tfdeploy: {exc}", file=sys.stderr)
+            return 1
+
+
+def cmd_workspace(settings: Settings, args: argparse.Namespace) -> int:
+    from service import workspaces
+
+    async def go(url: str) -> int:
+        async with await _connect(url) as conn:
+            rows = await workspaces.contested(conn)
+        if not rows:
+            print("no contested workspace")
+            return 0
+        print(
+            "workspace names several users deployed to before the upgrade: each went to its first "
+            "deployer;\nthe others below (docs/workspaces.md, 'Contested workspaces')"
+        )
+        print(f"{'workspace':<40} {'other user':<24} {'deploys':>7}  {'last deploy':<16}  member")
+        for r in rows:
+            ref = _safe(f"{r['owner']}:{r['name']}")
+            print(
+                f"{ref:<40} {_safe(r['other_user']):<24} {r['deploys']:>7}  "
+                f"{_when(r['last_deploy_at']):<16}  {r['member_role'] or '-'}"
+            )
         return 0
 
     with database(settings, quiet=True) as db:
@@ -490,12 +577,25 @@ def cmd_projections(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(go(db.url))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _safe(text: object) -> str:
+    """Text for a terminal: control characters (ANSI escapes, carriage returns, ...) shown as
+    escapes, never interpreted. A user's variable value may carry them."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
 def format_event(e: Any) -> str:
     data = {k: v for k, v in e.data.items() if v not in (None, "", [], {})}
     if e.type == "Requested":
         data["files"] = sorted(data.get("files", {}))
     detail = " ".join(f"{k}={v}" for k, v in data.items())
-    return f"{e.recorded_at:%Y-%m-%d %H:%M:%S} #{e.position:<6} {e.deploy_id[:8]} v{e.version:<3} {e.type:<15} {e.actor:<22} {detail}"
+    stream = e.deploy_id[:8] if e.stream == "deploy" else f"ws:{e.deploy_id[:5]}"
+    return _safe(
+        f"{e.recorded_at:%Y-%m-%d %H:%M:%S} #{e.position:<6} {stream} v{e.version:<3} "
+        f"{e.type:<15} {e.actor:<22} {detail}"
+    )
 
 
 def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
@@ -548,14 +648,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="a worker alone")
     sub.add_parser("migrate", help="apply the database migrations")
 
+    up_ = sub.add_parser("user", help="users")
+    usub = up_.add_subparsers(dest="user_cmd", required=True)
+    uc = usub.add_parser("create", help="a new user")
+    uc.add_argument("name")
+    uc.add_argument("--admin", action="store_true")
+    usub.add_parser("list", help="list users")
+    ud = usub.add_parser("disable", help="disable a user: their tokens are refused at once")
+    ud.add_argument("name")
+
     tp = sub.add_parser("token", help="API tokens")
     tsub = tp.add_subparsers(dest="token_cmd", required=True)
     tc = tsub.add_parser("create", help="print a new token once")
-    tc.add_argument("--name", required=True)
+    tc.add_argument("--user", help="an existing user")
+    tc.add_argument("--name", help="a user, made if there is none (with --admin: an admin)")
     tc.add_argument("--admin", action="store_true")
+    tc.add_argument("--expires", type=parse_age, help="valid for this long, e.g. 30d, 12h")
+    tc.add_argument("--label", help="what the token is for")
     tsub.add_parser("list", help="list tokens")
-    tr = tsub.add_parser("revoke", help="revoke a token by id or name")
-    tr.add_argument("ref")
+    tr = tsub.add_parser("revoke", help="revoke a token by its id (see token list)")
+    tr.add_argument("id", type=int)
+
+    wp = sub.add_parser("workspace", help="workspaces")
+    wsub = wp.add_subparsers(dest="workspace_cmd", required=True)
+    wsub.add_parser(
+        "contested", help="names several users deployed to before workspaces had owners"
+    )
 
     rp = sub.add_parser("replay", help="queue failed deploys again with a fresh attempt budget")
     rp.add_argument("id", nargs="?")
@@ -587,7 +705,9 @@ COMMANDS = {
     "worker": cmd_worker,
     "migrate": cmd_migrate,
     "keys": cmd_keys,
+    "user": cmd_user,
     "token": cmd_token,
+    "workspace": cmd_workspace,
     "replay": cmd_replay,
     "projections": cmd_projections,
     "events": cmd_events,

@@ -41,6 +41,7 @@ from service.secrets import Masker, SecretBox
 from service.settings import Settings
 from service.statestores import index, put_with_retries
 from service.statestores.base import StateStore, StateStoreError
+from service.workspaces import key_of as workspace_key
 
 log = logging.getLogger("tfdeploy.deployer")
 
@@ -212,6 +213,8 @@ class Deployer:
             files, variables, _ = await cur.fetchone()
             cur = await conn.execute(q("get_secrets"), {"deploy_id": deploy_id})
             row = await cur.fetchone()
+            # The workspace's key (its id) keys its state, whatever name the stream gave.
+            workspace = await workspace_key(conn, deploy_id)
             latest = await index.latest(conn, workspace)
             kept_lock = await lockfiles.latest(conn, workspace)
         secrets = self.box.decrypt(bytes(row[0])) if row else {}

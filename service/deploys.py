@@ -3,6 +3,7 @@
 Loads a deploy's stream, asks ``lifecycle.decide`` what follows a command, appends the answer
 with the expected version, and, in the same transaction, performs what those events require:
 queue the next run (``Requested``, ``Retried``) and forget the secrets once the deploy ended.
+A request to a name its owner has not used yet claims the workspace in the same transaction.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from psycopg.errors import UniqueViolation
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from service import store
+from service import store, workspaces
 from service.db import autocommit
 from service.events import Cancelled, Event, Failed, Requested, Retried, Succeeded
 from service.lifecycle import (
@@ -32,6 +33,7 @@ from service.lifecycle import (
 from service.projection import DeployView, StoredEvent, view_of
 from service.queries import q
 from service.queue import Queue
+from service.workspaces import Workspace, WorkspaceNotFound, parse_ref
 
 CONFLICT_RETRIES = 8
 
@@ -45,7 +47,8 @@ class IdempotencyMismatch(Exception):
 
 
 class NewDeploy(msgspec.Struct, frozen=True, kw_only=True):
-    """A validated deploy request, ready to record."""
+    """A validated deploy request, ready to record. ``workspace`` is a ref: the requester's own
+    name, or ``owner:name`` (service.workspaces)."""
 
     workspace: str
     action: str
@@ -76,6 +79,7 @@ class Deploys:
         self.queue = queue
         self._encrypt = encrypt  # callable: dict[str, str] -> bytes
         self._digest_key = digest_key
+        self.workspace_names = workspaces.Names()
 
     # ------------------------------------------------------------ request
 
@@ -86,32 +90,56 @@ class Deploys:
         return hmac.new(self._digest_key, canonical, hashlib.sha256).hexdigest()
 
     async def request(
-        self, new: NewDeploy, *, owner: str, actor: str, idempotency_key: str | None = None
+        self,
+        new: NewDeploy,
+        *,
+        owner: str,
+        actor: str,
+        idempotency_key: str | None = None,
+        workspace: Workspace | None = None,
     ) -> tuple[DeployView, bool]:
         """Record a new deploy and queue its first run, in one transaction.
+
+        ``workspace``: the workspace ``new.workspace`` names, when the caller resolved it (and
+        checked that ``owner`` may deploy to it); None for the requester's own name, which is
+        claimed for them, in the same transaction, if they have not used it yet.
 
         Returns (deploy, created): ``created`` is False when an Idempotency-Key matched.
         """
         digest = self.request_digest(new) if idempotency_key else ""
-        for _ in range(2):
+        for _ in range(3):
             try:
-                return await self._request_once(new, owner, actor, idempotency_key, digest)
+                return await self._request_once(new, owner, actor, idempotency_key, digest, workspace)
             except UniqueViolation:
-                # A concurrent request with the same key won; answer with its deploy.
+                # A concurrent request with the same key won (answer with its deploy), or one of
+                # the same owner claimed the same new name (deploy to the workspace it made).
                 continue
-        raise RuntimeError("idempotency key race did not settle")  # pragma: no cover
+        raise RuntimeError("idempotency key or workspace race did not settle")  # pragma: no cover
 
     async def _request_once(
-        self, new: NewDeploy, owner: str, actor: str, key: str | None, digest: str
+        self,
+        new: NewDeploy,
+        owner: str,
+        actor: str,
+        key: str | None,
+        digest: str,
+        workspace: Workspace | None,
     ) -> tuple[DeployView, bool]:
         # Autocommit: the Idempotency-Key lookup needs no transaction of its own (a twin
         # request racing this one collides on the key's primary key), and the writes are one
         # query, which PostgreSQL runs as one transaction.
         async with autocommit(self.pool) as conn:
-            return await self._record(conn, new, owner, actor, key, digest)
+            return await self._record(conn, new, owner, actor, key, digest, workspace)
 
     async def _record(
-        self, conn: Any, new: NewDeploy, owner: str, actor: str, key: str | None, digest: str
+        self,
+        conn: Any,
+        new: NewDeploy,
+        owner: str,
+        actor: str,
+        key: str | None,
+        digest: str,
+        workspace: Workspace | None,
     ) -> tuple[DeployView, bool]:
         if key:
             cur = await conn.execute(q("get_idempotency"), {"owner": owner, "key": key})
@@ -125,9 +153,18 @@ class Deploys:
                 assert view is not None
                 return view, False
         deploy_id = str(uuid4())
+        claim: list[tuple[str, dict[str, Any]]] = []
+        if workspace is None:
+            ws_owner, name = parse_ref(new.workspace, owner)
+            if ws_owner != owner:
+                raise WorkspaceNotFound()  # another user's: the caller resolves those
+            workspace = await self.workspace_names.find(conn, owner, name)
+            if workspace is None:
+                workspace = Workspace(id=str(uuid4()), owner=owner, name=name)
+                claim = workspaces.claim(workspace, deploy_id, actor)
         files = {name: _sha256(content.encode()) for name, content in sorted(new.files.items())}
         command = RequestDeploy(
-            workspace=new.workspace,
+            workspace=workspace.name,
             action=new.action,  # type: ignore[arg-type]
             max_attempts=new.max_attempts,
             owner=owner,
@@ -135,8 +172,14 @@ class Deploys:
             variables=dict(new.variables),
             secret_names=sorted(new.secrets),
         )
-        events = decide(command, INITIAL)
-        writes = self._reactions(deploy_id, DeployState(), events)  # the job
+        # The workspace is the shell's fact, not a decision: the Requested event names it.
+        events = [
+            msgspec.structs.replace(e, workspace_id=workspace.id, workspace_owner=workspace.owner)
+            if isinstance(e, Requested)
+            else e
+            for e in decide(command, INITIAL)
+        ]
+        writes = claim + self._reactions(deploy_id, DeployState(), events, workspace.id)  # the job
         writes.append(
             (
                 "insert_inputs",
@@ -169,6 +212,8 @@ class Deploys:
         stored = await store.append_and_commit(
             conn, deploy_id, 0, events, actor, prior=[], before=writes
         )
+        if claim:
+            self.workspace_names.remember(workspace)
         return view_of(stored), True
 
     # ------------------------------------------------------------ commands
@@ -191,6 +236,7 @@ class Deploys:
                         raise NotFound(deploy_id)
                     state = fold(e.event for e in prior)
                     events = decide(command, state)
+                    workspace_key = await workspaces.key_of(conn, deploy_id, prior)
                     # What the events require, then the append and the COMMIT, in one round
                     # trip: the append lock is held only while PostgreSQL appends and commits.
                     new = await store.append_and_commit(
@@ -200,27 +246,28 @@ class Deploys:
                         events,
                         actor,
                         prior=prior,
-                        before=self._reactions(deploy_id, state, events),
+                        before=self._reactions(deploy_id, state, events, workspace_key),
                     )
-                    return new, view_of([*prior, *new])
+                    stream = [*prior, *new]
+                    return new, view_of(stream, await store.legacy_for(conn, [e.event for e in stream]))
             except store.VersionConflict:
                 continue
         raise store.VersionConflict(deploy_id, -1, -1)
 
     def _reactions(
-        self, deploy_id: str, before: DeployState, events: Sequence[Event]
+        self, deploy_id: str, before: DeployState, events: Sequence[Event], workspace_key: str
     ) -> list[tuple[str, dict[str, Any]]]:
         """What the new events require, as statements for their transaction (which rolls back
-        with them if the append that follows conflicts): the next run's job, and forgetting the
-        secrets when the deploy ends."""
-        state = fold(events, before)
+        with them if the append that follows conflicts): the next run's job (on the lock of the
+        workspace whose key is ``workspace_key``), and forgetting the secrets when the deploy
+        ends."""
         out: list[tuple[str, dict[str, Any]]] = []
         for event in events:
             if isinstance(event, Requested):
-                out.append(self._defer_run(deploy_id, 1, event.workspace))
+                out.append(self._defer_run(deploy_id, 1, workspace_key))
             elif isinstance(event, Retried):
                 out.append(
-                    self._defer_run(deploy_id, event.attempt, state.workspace, event.delay_seconds)
+                    self._defer_run(deploy_id, event.attempt, workspace_key, event.delay_seconds)
                 )
             if ends_deploy(event):
                 out.append(("delete_secrets", {"deploy_id": deploy_id}))
@@ -230,7 +277,8 @@ class Deploys:
         self, deploy_id: str, attempt: int, workspace: str, delay: float = 0.0
     ) -> tuple[str, dict[str, Any]]:
         """procrastinate's ``run_deploy`` job (``Queue.run_job``), inserted by procrastinate's
-        own SQL function (``defer_job``) so that it travels with the append."""
+        own SQL function (``defer_job``) so that it travels with the append. ``workspace`` is
+        the workspace's key (its id)."""
         job = self.queue.run_job(
             deploy_id=deploy_id, attempt=attempt, workspace=workspace, delay=delay
         )

@@ -194,7 +194,46 @@ DEPLOY_EVENT_CLASSES: tuple[type[Event], ...] = (
 # Facts about a workspace (created, members, state downloads, CLI locks) live in the same table,
 # in the workspace's own stream (stream_kind 'workspace', deploy_id = the workspace's id).
 
-WORKSPACE_EVENT_CLASSES: tuple[type[_Event], ...] = ()
+
+class WorkspaceCreated(_Event, frozen=True, kw_only=True, tag="WorkspaceCreated"):
+    """A workspace was claimed: by its owner's first deploy to the name, or by the upgrade that
+    gave an existing name to the user whose deploy came first (``migrated``)."""
+
+    name: str
+    owner: str
+    deploy_id: str = ""  # the deploy that claimed it ("" when migrated)
+    migrated: bool = False
+
+
+class MemberSet(_Event, frozen=True, kw_only=True, tag="MemberSet"):
+    """A user became a member with ``role``, or their role changed (``previous`` was it)."""
+
+    user: str
+    role: Literal["read", "deploy"]
+    previous: str = ""
+
+
+class MemberRemoved(_Event, frozen=True, kw_only=True, tag="MemberRemoved"):
+    user: str
+    role: str  # the role they had
+
+
+class StateDownloaded(_Event, frozen=True, kw_only=True, tag="StateDownloaded"):
+    """A tfstate of the workspace was read through the API (the latest, or one version)."""
+
+    state_version: int
+    sha256: str
+    latest: bool  # GET .../state (True) or GET .../states/{version} (False)
+
+
+WorkspaceEvent = WorkspaceCreated | MemberSet | MemberRemoved | StateDownloaded
+
+WORKSPACE_EVENT_CLASSES: tuple[type[_Event], ...] = (
+    WorkspaceCreated,
+    MemberSet,
+    MemberRemoved,
+    StateDownloaded,
+)
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -19,9 +19,17 @@ from psycopg.errors import UniqueViolation
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from service.events import EVENT_TYPES, Event, from_data, to_data, type_name
+from service.events import (
+    EVENT_TYPES,
+    Event,
+    Requested,
+    WorkspaceEvent,
+    from_data,
+    to_data,
+    type_name,
+)
 from service.lifecycle import ErrorInfo
-from service.projection import DeployView, StoredEvent, view_from
+from service.projection import DeployView, Legacy, StoredEvent, view_from
 from service.queries import q
 
 Conn = AsyncConnection[Any]
@@ -46,6 +54,8 @@ def _stored(row: dict[str, Any]) -> StoredEvent:
         recorded_at=row["recorded_at"],
         actor=row["actor"],
         event=from_data(row["type"], row["data"]),
+        stream=row.get("stream_kind") or "deploy",
+        workspace_id=str(row["workspace_id"]) if row.get("workspace_id") else "",
     )
 
 
@@ -63,6 +73,28 @@ async def read_stream(conn: Conn, deploy_id: str | UUID, after_version: int = 0)
 async def read_all_after(conn: Conn, after: int, limit: int = 500) -> list[StoredEvent]:
     rows = await _rows(conn, "read_all_after", {"after": after, "limit": limit})
     return [_stored(r) for r in rows]
+
+
+async def legacy_for(conn: Conn, events: Sequence[Event]) -> Legacy:
+    """How to read the workspace of a stream whose Requested event was recorded before
+    workspaces had owners (no workspace_id): the migrated mapping's entry for its name, looked
+    up here (one query, for such streams only)."""
+    first = events[0] if events else None
+    if not isinstance(first, Requested) or first.workspace_id:
+        return _nothing
+    rows = await _rows(conn, "legacy_workspace", {"name": first.workspace})
+    found = (str(rows[0]["workspace_id"]), rows[0]["owner"]) if rows else None
+    return lambda name: found if name == first.workspace else None
+
+
+def _nothing(name: str) -> tuple[str, str] | None:
+    return None
+
+
+async def legacy_names(conn: Conn) -> dict[str, tuple[str, str]]:
+    """The whole migrated mapping: name -> (workspace id, owner)."""
+    rows = await _rows(conn, "legacy_workspaces", {})
+    return {r["name"]: (str(r["workspace_id"]), r["owner"]) for r in rows}
 
 
 # SQLSTATE of the version check in tfdeploy_append (migration 0006).
@@ -101,12 +133,14 @@ async def _append_params(
     ):
         prior = (await read_stream(conn, deploy_id))[:expected_version]
     placeholder = prior[0].recorded_at if prior else _EPOCH  # timestamps: the database's
+    stream = [*(e.event for e in prior), *events]
     view = view_from(
         deploy_id,
-        [*(e.event for e in prior), *events],
+        stream,
         created_at=placeholder,
         updated_at=placeholder,
         version=expected_version + len(events),
+        legacy=await legacy_for(conn, stream),
     )
     error = view.error
     return {
@@ -126,6 +160,8 @@ async def _append_params(
         "error_reason": error.reason if error else None,
         "error_message": error.message if error else None,
         "created_at": prior[0].recorded_at if prior else None,
+        "workspace_id": view.workspace_id or None,
+        "workspace_owner": view.workspace_owner,
     }
 
 
@@ -203,15 +239,74 @@ async def append_and_commit(
     return [_stored(r) for r in rows]
 
 
+def workspace_append(
+    workspace_id: str, expected_version: int | None, events: Sequence[WorkspaceEvent], actor: str
+) -> tuple[str, dict[str, Any]]:
+    """The named query and parameters that append ``events`` to a workspace's stream after
+    ``expected_version`` (None: after whatever it holds, for facts that depend on nothing
+    before them): for ``append_and_commit(before=...)`` (one transaction with the caller's
+    other writes) or ``append_workspace``."""
+    data = []
+    for event in events:
+        fields: dict[str, Any] = msgspec.to_builtins(event)
+        fields.pop("type", None)
+        data.append(Jsonb(fields))
+    return (
+        "append_workspace",
+        {
+            "workspace_id": workspace_id,
+            "expected": expected_version,
+            "types": [type(e).__struct_config__.tag for e in events],
+            "data": data,
+            "actor": actor,
+        },
+    )
+
+
+async def append_workspace(
+    conn: Conn,
+    workspace_id: str,
+    expected_version: int | None,
+    events: Sequence[WorkspaceEvent],
+    actor: str,
+) -> list[StoredEvent]:
+    """Append ``events`` to a workspace's stream, in the caller's transaction; VersionConflict
+    if the stream is not at ``expected_version``."""
+    name, params = workspace_append(workspace_id, expected_version, events, actor)
+    try:
+        rows = await _rows(conn, name, params)
+    except psycopg.Error as exc:
+        raise version_conflict(exc, workspace_id, expected_version or 0) or exc from None
+    return [_stored(r) for r in rows]
+
+
+async def workspace_stream_version(conn: Conn, workspace_id: str) -> int:
+    rows = await _rows(conn, "workspace_stream_version", {"workspace_id": workspace_id})
+    return int(rows[0]["version"]) if rows else 0
+
+
+async def commit_writes(conn: Conn, writes: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Run the named statements and COMMIT, as one query: one round trip, one transaction (an
+    append among them holds the append lock only while PostgreSQL runs it and commits). On an
+    error nothing commits and the error is raised; the caller rolls back (a pool's connection
+    context does). The connection must not be in autocommit mode or a ``transaction()`` block."""
+    async with psycopg.AsyncClientCursor(conn) as cur:
+        parts = [cur.mogrify(q(name), p) for name, p in writes]
+        parts.append("COMMIT")
+        await cur.execute(";\n".join(parts).encode())
+
+
 async def write_view(conn: Conn, view: DeployView) -> None:
     params = msgspec.structs.asdict(view)
     error = params.pop("error")
     params["error_reason"] = error.reason if error else None
     params["error_message"] = error.message if error else None
+    params["workspace_id"] = view.workspace_id or None
     await conn.execute(q("upsert_deploy"), params)
 
 
-def _view(row: dict[str, Any]) -> DeployView:
+def view_of_row(row: dict[str, Any]) -> DeployView:
+    """A deploy's read model from a row of ``deploys``."""
     error = ErrorInfo(row["error_reason"], row["error_message"] or "") if row["error_reason"] else None
     return DeployView(
         id=str(row["id"]),
@@ -227,12 +322,14 @@ def _view(row: dict[str, Any]) -> DeployView:
         cancel_requested=row["cancel_requested"],
         state_version=row["state_version"],
         error=error,
+        workspace_id=str(row["workspace_id"]) if row.get("workspace_id") else "",
+        workspace_owner=row.get("workspace_owner") or "",
     )
 
 
 async def get_deploy(conn: Conn, deploy_id: str | UUID) -> DeployView | None:
     rows = await _rows(conn, "get_deploy", {"id": deploy_id})
-    return _view(rows[0]) if rows else None
+    return view_of_row(rows[0]) if rows else None
 
 
 async def list_deploys(
@@ -240,19 +337,23 @@ async def list_deploys(
     *,
     owner: str | None = None,
     status: str | None = None,
-    workspace: str | None = None,
+    workspace_id: str | None = None,
+    viewer: str | None = None,
     cursor: tuple[datetime, str] | None = None,
     limit: int = 50,
 ) -> list[DeployView]:
+    """Newest first. ``owner``: requested by this user; ``viewer``: only what this user may see
+    (their own deploys and those of the workspaces they own or are a member of); None: all."""
     params = {
         "owner": owner,
         "status": status,
-        "workspace": workspace,
+        "workspace_id": workspace_id,
+        "viewer": viewer,
         "cursor_at": cursor[0] if cursor else None,
         "cursor_id": cursor[1] if cursor else None,
         "limit": limit,
     }
-    return [_view(r) for r in await _rows(conn, "list_deploys", params)]
+    return [view_of_row(r) for r in await _rows(conn, "list_deploys", params)]
 
 
 async def audit_page(
@@ -261,21 +362,27 @@ async def audit_page(
     after: int = 0,
     limit: int = 100,
     deploy_id: str | None = None,
-    workspace: str | None = None,
+    workspace_id: str | None = None,
+    workspace_stream: bool = False,
     type: str | None = None,
     actor: str | None = None,
-    owner: str | None = None,
+    viewer: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> list[StoredEvent]:
+    """A page of events in position order after ``after``. ``workspace_id``: its deploys' events
+    (and its own stream's with ``workspace_stream``); ``viewer``: only what this user may see
+    (their own deploys, the deploys of the workspaces they may read, the streams of the
+    workspaces they own); None: everything."""
     params = {
         "after": after,
         "limit": limit,
         "deploy_id": deploy_id,
-        "workspace": workspace,
+        "workspace_id": workspace_id,
+        "workspace_stream": workspace_stream,
         "type": type,
         "actor": actor,
-        "owner": owner,
+        "viewer": viewer,
         "since": since,
         "until": until,
     }
@@ -297,6 +404,7 @@ def _view_row(view: DeployView) -> tuple[Any, ...]:
         view.max_attempts, view.cancel_requested, view.state_version,
         error.reason if error else None, error.message if error else None,
         view.version, view.created_at, view.updated_at,
+        view.workspace_id or None, view.workspace_owner,
     )
 
 
@@ -309,15 +417,18 @@ async def _copy_views(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
 async def rebuild_projections(conn: Conn) -> int:
     """Recompute every deploy's read model from its events; returns the number of deploys.
 
-    One pass over ``events`` in (deploy_id, version) order through a server-side cursor, each
-    stream folded by ``projection.view_from`` (the fold ``view_of`` and the appends use) as soon
-    as it ends, the rows written by ``COPY`` in batches. All in one transaction (a savepoint if
+    One pass over the deploy events in (deploy_id, version) order through a server-side cursor,
+    each stream folded by ``projection.view_from`` (the fold ``view_of`` and the appends use) as
+    soon as it ends, the rows written by ``COPY`` in batches. Workspace streams are skipped;
+    Requested events recorded before workspaces had owners are read through the migrated
+    mapping, as the appends read them. All in one transaction (a savepoint if
     the caller has one open): readers see the old read model until it commits, and the append
     lock keeps every append out until then.
     """
     async with conn.transaction():
         await conn.execute(q("lock_appends"))  # no append slips in between the read and the write
         await conn.execute(q("clear_deploys"))
+        legacy = (await legacy_names(conn)).get
         decoders = _DECODERS
         out: list[tuple[Any, ...]] = []
         deploys = 0
@@ -334,7 +445,7 @@ async def rebuild_projections(conn: Conn) -> int:
                         if current is not None:
                             out.append(_view_row(view_from(
                                 current, events, created_at=created_at,
-                                updated_at=updated_at, version=version,
+                                updated_at=updated_at, version=version, legacy=legacy,
                             )))
                         current, events, created_at = deploy_id, [], recorded_at
                     events.append(decoders[type_].decode(data))
@@ -346,6 +457,7 @@ async def rebuild_projections(conn: Conn) -> int:
         if current is not None:
             out.append(_view_row(view_from(
                 current, events, created_at=created_at, updated_at=updated_at, version=version,
+                legacy=legacy,
             )))
         if out:
             deploys += len(out)

@@ -45,7 +45,9 @@ __all__ = [
     "SAFE_NAME",
     "ScanResult",
     "VARIABLE_NAME",
+    "USER_NAME",
     "WORKSPACE_NAME",
+    "WORKSPACE_REF",
     "DeployRequest",
     "InvalidRequest",
     "body_limit",
@@ -90,6 +92,10 @@ LOCK_FILE_NAME = ".terraform.lock.hcl"
 #: A lock file holds about a kilobyte per provider; anything much larger is not one.
 MAX_LOCK_FILE_BYTES = 128 * 1024
 WORKSPACE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+USER_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+#: A workspace as a request names it: ``name`` (the caller's own) or ``owner:name``
+#: (docs/workspaces.md). The owner part takes any user name, those made before USER_NAME too.
+WORKSPACE_REF = re.compile(r"\A(?:[^:\s\x00-\x1f\x7f]{1,64}:)?[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 VARIABLE_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_-]*\Z")
 
 
@@ -254,10 +260,10 @@ def check_file_name(name: str) -> None:
 
 
 def check_workspace(workspace: str) -> None:
-    if not isinstance(workspace, str) or WORKSPACE_NAME.match(workspace) is None:
+    if not isinstance(workspace, str) or WORKSPACE_REF.match(workspace) is None:
         raise _invalid(
             f"workspace {_show(str(workspace))} is invalid: 1 to 64 characters of A-Z, a-z, 0-9, "
-            "'_' and '-', starting with a letter or digit"
+            "'_' and '-', starting with a letter or digit (another user's: owner:name)"
         )
 
 

@@ -252,20 +252,23 @@ async def test_401_without_token_bad_token_and_bad_scheme(api: Api, services: Se
     assert await counts(services) == before
 
 
-async def test_access_token_query_parameter(api: Api) -> None:
+async def test_access_token_query_parameter_only_on_the_stream_routes(api: Api) -> None:
     mine = await api.deploy()
+    # A token in the URL lands in access logs and browser history: only EventSource needs one.
     response = await api.get(
         f"/deploys/{mine['id']}", None, params={"access_token": api.tokens["ann"]}
     )
-    assert response.status_code == 200 and response.json()["id"] == mine["id"]
+    assert_error(response, 401)
     assert_error(await api.get("/deploys", None, params={"access_token": "garbage"}), 401)
+    # (The stream routes take it: tests/test_streams.py, tests/test_roles.py.)
 
 
 async def test_revoked_token_is_401(api: Api, services: Services) -> None:
-    from service.auth import revoke_token
+    from service.auth import list_tokens, revoke_token
 
     async with services.pool.connection() as conn:
-        await revoke_token(conn, "bob")
+        bobs = [t["id"] for t in await list_tokens(conn) if t["user"] == "bob"]
+        assert len(bobs) == 1 and await revoke_token(conn, bobs[0])
     assert_error(await api.get("/deploys", "bob"), 401)
 
 
@@ -337,11 +340,16 @@ async def test_list_filters_and_visibility(api: Api, services: Services) -> None
     assert ids(await api.get("/deploys")) == {a1["id"], a2["id"]}
     assert ids(await api.get("/deploys", "bob")) == {b1["id"]}
     assert ids(await api.get("/deploys", "root")) == {a1["id"], a2["id"], b1["id"]}
+    # Workspace names are per user: ann's alpha is not bob's.
     assert ids(await api.get("/deploys", params={"workspace": "alpha"})) == {a1["id"]}
-    assert ids(await api.get("/deploys", "root", params={"workspace": "alpha"})) == {
-        a1["id"],
-        b1["id"],
-    }
+    assert ids(await api.get("/deploys", "bob", params={"workspace": "alpha"})) == {b1["id"]}
+    assert ids(await api.get("/deploys", "root", params={"workspace": "ann:alpha"})) == {a1["id"]}
+    assert ids(await api.get("/deploys", "root", params={"workspace": "bob:alpha"})) == {b1["id"]}
+    assert_error(await api.get("/deploys", "root", params={"workspace": "alpha"}), 404)
+    assert_error(await api.get("/deploys", "bob", params={"workspace": "ann:alpha"}), 404)
+    assert a1["workspace"] == b1["workspace"] == "alpha"
+    assert (a1["workspace_owner"], b1["workspace_owner"]) == ("ann", "bob")
+    assert a1["workspace_id"] != b1["workspace_id"]
     assert ids(await api.get("/deploys", params={"status": "failed"})) == {a2["id"]}
     assert ids(await api.get("/deploys", params={"status": "queued"})) == {a1["id"]}
     assert ids(await api.get("/deploys", params={"status": "succeeded"})) == set()
@@ -384,8 +392,11 @@ async def test_deploy_events(api: Api, services: Services) -> None:
         "data",
         "recorded_at",
         "actor",
+        "stream",
+        "workspace_id",
     }
     assert first["deploy_id"] == mine["id"] and first["actor"] == "user:ann"
+    assert first["stream"] == "deploy" and first["workspace_id"] == mine["workspace_id"]
     assert first["data"]["workspace"] == "default"
     later = await api.get(f"/deploys/{mine['id']}/events", params={"after": 1})
     assert [e["type"] for e in later.json()["items"]] == ["Started"]
@@ -480,19 +491,23 @@ async def test_events_audit_query(api: Api, services: Services) -> None:
         assert response.status_code == 200, response.text
         return [(e["deploy_id"], e["type"]) for e in response.json()["items"]]
 
-    anns = [(a["id"], "Requested"), (a["id"], "Started"), (a["id"], "Failed")]
+    # Each first deploy to a name claimed a workspace: WorkspaceCreated in the workspace's own
+    # stream (deploy_id null), visible to its owner and admins.
+    anns = [(None, "WorkspaceCreated"), (a["id"], "Requested"), (a["id"], "Started"), (a["id"], "Failed")]
+    bobs = [(None, "WorkspaceCreated"), (b["id"], "Requested")]
     assert types(await api.get("/events")) == anns
-    assert types(await api.get("/events", "bob")) == [(b["id"], "Requested")]
+    assert types(await api.get("/events", "bob")) == bobs
     everything = types(await api.get("/events", "root"))
-    assert len(everything) == 4
-    assert types(await api.get("/events", "root", params={"workspace": "beta"})) == [
-        (b["id"], "Requested")
-    ]
+    assert len(everything) == 6
+    assert types(await api.get("/events", "root", params={"workspace": "bob:beta"})) == bobs
+    assert types(await api.get("/events", "bob", params={"workspace": "beta"})) == bobs
+    assert_error(await api.get("/events", "root", params={"workspace": "beta"}), 404)
+    assert_error(await api.get("/events", params={"workspace": "bob:beta"}), 404)
     assert types(await api.get("/events", "root", params={"type": "Requested"})) == [
         (a["id"], "Requested"),
         (b["id"], "Requested"),
     ]
-    assert types(await api.get("/events", "root", params={"actor": "worker:w"})) == anns[1:]
+    assert types(await api.get("/events", "root", params={"actor": "worker:w"})) == anns[2:]
     assert types(await api.get("/events", "root", params={"deploy_id": b["id"]})) == [
         (b["id"], "Requested")
     ]
@@ -505,6 +520,13 @@ async def test_events_audit_query(api: Api, services: Services) -> None:
     # Unencoded "+" arriving as a space still parses.
     raw = await api.get("/events?until=2999-01-01T00:00:00+01:00")
     assert types(raw) == anns
+    workspace_event = (await api.get("/events", params={"type": "WorkspaceCreated"})).json()["items"]
+    assert [(e["stream"], e["deploy_id"], e["workspace_id"]) for e in workspace_event] == [
+        ("workspace", None, a["workspace_id"])
+    ]
+    assert workspace_event[0]["data"] == {
+        "name": "alpha", "owner": "ann", "deploy_id": a["id"], "migrated": False
+    }
 
 
 async def test_events_pagination(api: Api) -> None:
@@ -518,7 +540,7 @@ async def test_events_pagination(api: Api) -> None:
         if page["next"] is None:
             break
         after = page["next"]
-    assert len(seen) == 5 and seen == sorted(seen)
+    assert len(seen) == 6 and seen == sorted(seen)  # 5 Requested and the WorkspaceCreated
 
 
 @pytest.mark.parametrize(
@@ -543,6 +565,7 @@ async def test_workspace_state(api: Api, services: Services) -> None:
     from service.statestores.base import StoredState
 
     mine = await api.deploy(workspace="web")
+    key = mine["workspace_id"]  # states are keyed by the workspace's id
     assert_error(await api.get("/workspaces/web/state"), 404)  # no state yet
     listing = await api.get("/workspaces/web/states")
     assert listing.status_code == 200 and listing.json() == {"items": [], "next": None}
@@ -551,28 +574,45 @@ async def test_workspace_state(api: Api, services: Services) -> None:
     state_store = make_state_store(services.settings, services.pool)
     for _ in range(2):
         async with services.pool.connection() as conn, conn.transaction():
-            version = await index.next_version(conn, "web")
-            stored: StoredState = await state_store.put("web", version, content, sha)
+            version = await index.next_version(conn, key)
+            stored: StoredState = await state_store.put(key, version, content, sha)
             await index.record_version(
-                conn, "web", version, mine["id"], 1, stored, serial, lineage, sha, size
+                conn, key, version, mine["id"], 1, stored, serial, lineage, sha, size
             )
     response = await api.get("/workspaces/web/state")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["cache-control"] == "no-store"
     assert response.content == content and response.headers["x-state-version"] == "2"
     page = (await api.get("/workspaces/web/states", params={"limit": 1})).json()
     assert [v["version"] for v in page["items"]] == [2] and page["next"] == 2
     page = (await api.get("/workspaces/web/states", params={"limit": 1, "before": 2})).json()
     assert [v["version"] for v in page["items"]] == [1] and page["next"] is None
     assert "location" not in page["items"][0]
+    assert page["items"][0]["workspace"] == "web" and page["items"][0]["workspace_owner"] == "ann"
     one = await api.get("/workspaces/web/states/1")
     assert one.status_code == 200 and one.content == content
+    assert one.headers["cache-control"] == "no-store"
     assert_error(await api.get("/workspaces/web/states/9"), 404)
-    # bob owns no deploy in "web": it does not exist for him; the admin sees it.
+    # "web" names bob's own web, which does not exist; ann's is not his to see. The admin sees
+    # ann's as ann:web (and so does ann).
     assert_error(await api.get("/workspaces/web/state", "bob"), 404)
-    assert_error(await api.get("/workspaces/web/states", "bob"), 404)
-    assert (await api.get("/workspaces/web/state", "root")).status_code == 200
+    assert_error(await api.get("/workspaces/ann:web/state", "bob"), 404)
+    assert_error(await api.get("/workspaces/ann:web/states", "bob"), 404)
+    assert (await api.get("/workspaces/ann:web/state", "root")).status_code == 200
+    assert (await api.get("/workspaces/ann:web/state")).status_code == 200
+    assert_error(await api.get("/workspaces/web/state", "root"), 404)
     assert_error(await api.get("/workspaces/nowhere/state", "root"), 404)
+    # Every read of a tfstate is in the workspace's stream, for its owner and admins.
+    downloads = (
+        await api.get("/events", params={"workspace": "web", "type": "StateDownloaded"})
+    ).json()["items"]
+    assert [(e["actor"], e["data"]["state_version"], e["data"]["latest"]) for e in downloads] == [
+        ("user:ann", 2, True),
+        ("user:ann", 1, False),
+        ("admin:root", 2, True),
+        ("user:ann", 2, True),
+    ]
 
 
 # ---------------------------------------------------------------- operations
@@ -591,7 +631,7 @@ async def test_health_503_when_database_unreachable(
     from service.api import health
 
     monkeypatch.setattr(health, "HEALTH_TIMEOUT", 0.5)
-    settings = from_env({}, data_dir=str(tmp_path))
+    settings = from_env({}, data_dir=str(tmp_path), metrics_public=True)
     services = await open_services(settings, database_url, pool_size=2)
     try:
         app = create_app(services)
@@ -633,7 +673,10 @@ async def test_metrics(api: Api, services: Services) -> None:
     await api.deploy()
     failed = await api.deploy(max_attempts=1)
     await fail(services, failed["id"])
-    response = await api.get("/metrics", None)
+    # An admin's: the figures tell who runs how much (TFDEPLOY_METRICS_PUBLIC=true opens it).
+    assert_error(await api.get("/metrics", None), 401)
+    assert_error(await api.get("/metrics", "ann"), 403)
+    response = await api.get("/metrics", "root")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -641,7 +684,7 @@ async def test_metrics(api: Api, services: Services) -> None:
     assert 'tfdeploy_deploys{status="queued"} 1' in text
     assert 'tfdeploy_deploys{status="failed"} 1' in text
     assert 'tfdeploy_deploys{status="succeeded"} 0' in text
-    assert "tfdeploy_events_total 4" in text
+    assert "tfdeploy_events_total 5" in text  # and the WorkspaceCreated of "default"
     assert "tfdeploy_database_up 1" in text
 
 

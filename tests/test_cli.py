@@ -173,9 +173,96 @@ def test_tokens_migrate_rebuild_replay_and_events(database_url, owner_database_u
     assert [line.split()[5] for line in events] == ["Requested", "Started", "Failed", "Retried"]
     assert "admin:root" in events[-1]
 
-    assert "revoked 1" in tfdeploy("token", "revoke", "ops", env=env).stdout
+    ops = next(line.split()[0] for line in listing.splitlines() if " ops " in line)
+    assert tfdeploy("token", "revoke", "ops", env=env, check=False).returncode == 2  # ids only
+    assert f"revoked token {ops}" in tfdeploy("token", "revoke", ops, env=env).stdout
     assert "revoked" in tfdeploy("token", "list", env=env).stdout
-    assert tfdeploy("token", "revoke", "ops", env=env, check=False).returncode == 1
+    assert tfdeploy("token", "revoke", ops, env=env, check=False).returncode == 1
+
+
+def test_users_tokens_expiry_and_events_escaped(database_url, tmp_path):
+    """user create/list/disable, token create --user/--expires/--label, token list's columns,
+    and control characters in events shown as escapes, never sent to the terminal."""
+    import asyncio
+
+    env = {"TFDEPLOY_DATABASE_URL": database_url, "TFDEPLOY_DATA_DIR": str(tmp_path)}
+    assert "created" in tfdeploy("user", "create", "dana", env=env).stdout
+    again = tfdeploy("user", "create", "dana", env=env, check=False)
+    assert again.returncode == 1 and "exists" in again.stderr
+    bad = tfdeploy("user", "create", "-dash", env=env, check=False)
+    assert bad.returncode != 0
+    assert tfdeploy("user", "create", "boss", "--admin", env=env).returncode == 0
+    users = tfdeploy("user", "list", env=env).stdout
+    assert any(line.split()[:2] == ["boss", "admin"] for line in users.splitlines())
+    assert any(line.split()[:2] == ["dana", "user"] for line in users.splitlines())
+
+    token = tfdeploy("token", "create", "--user", "dana", "--expires", "30d", "--label", "ci", env=env).stdout.strip()
+    assert token.startswith("tfd_")
+    short = tfdeploy("token", "create", "--user", "dana", "--expires", "1s", env=env).stdout.strip()
+    unknown = tfdeploy("token", "create", "--user", "nobody", env=env, check=False)
+    assert unknown.returncode == 1 and "no user" in unknown.stderr
+    # --name makes the user if needed; --admin for an existing non-admin is refused.
+    assert tfdeploy("token", "create", "--name", "erin", env=env).stdout.startswith("tfd_")
+    promote = tfdeploy("token", "create", "--name", "dana", "--admin", env=env, check=False)
+    assert promote.returncode == 1 and "not an admin" in promote.stderr
+
+    from service.auth import authenticate
+
+    async def who(t: str) -> str | None:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            p = await authenticate(conn, t)
+            return p.name if p else None
+
+    import time
+
+    time.sleep(1.1)  # the 1 s token expires
+    assert asyncio.run(who(token)) == "dana" and asyncio.run(who(short)) is None
+    listing = tfdeploy("token", "list", env=env).stdout.splitlines()
+    assert listing[0].split()[:4] == ["id", "user", "label", "role"] and "last used" in listing[0]
+    ci = next(line for line in listing if " ci " in line)
+    assert "dana" in ci and "active" in ci and ci.count("-") >= 4  # created, expires, last used
+    assert any("dana" in line and "expired" in line for line in listing)
+
+    assert "disabled" in tfdeploy("user", "disable", "dana", env=env).stdout
+    assert asyncio.run(who(token)) is None  # refused from the next request on
+    assert any("dana" in line and "user disabled" in line for line in tfdeploy("token", "list", env=env).stdout.splitlines())
+    assert tfdeploy("user", "disable", "dana", env=env, check=False).returncode == 1
+
+    # A variable value with an ANSI escape and a carriage return: printed as escapes.
+    from service.deploys import NewDeploy
+    from service.lifecycle import AttemptFailed, StartAttempt
+    from service.services import open_services
+    from service.settings import from_env
+
+    async def hostile() -> str:
+        services = await open_services(from_env({}, data_dir=str(tmp_path)), database_url)
+        try:
+            view, _ = await services.deploys.request(
+                NewDeploy(
+                    workspace="w",
+                    action="apply",
+                    files={"main.tf": ""},
+                    variables={"v": "\x1b[2J\x1b]0;pwned\x07\rfake"},
+                    max_attempts=1,
+                ),
+                owner="erin",
+                actor="user:erin",
+            )
+            # terraform's error text goes into Failed.message as it came: it may carry them too.
+            await services.deploys.execute(view.id, StartAttempt(), "worker:t")
+            await services.deploys.execute(
+                view.id,
+                AttemptFailed(reason="apply_failed", message="\x1b[31mError\x1b[0m\rok"),
+                "worker:t",
+            )
+            return view.id
+        finally:
+            await services.close()
+
+    deploy_id = asyncio.run(hostile())
+    out = tfdeploy("events", "--deploy", deploy_id, env=env).stdout
+    assert "\x1b" not in out and "\r" not in out and "\x07" not in out
+    assert "\\x1b[2J" in out and "\\x1b[31mError" in out and "\\rok" in out
 
 
 @pytest.mark.parametrize("bad", ["", "1x", "h"])

@@ -38,7 +38,9 @@ async def jobs(pool):
 async def test_request_records_event_inputs_secrets_and_job(deploys, pool):
     view, created = await deploys.request(new(secrets={"token": "s3cr3t"}), owner="ann", actor="user:ann")
     assert created and view.status == "queued" and view.attempt == 1 and view.max_attempts == 3
-    assert await jobs(pool) == [(view.id, 1, "workspace:w", False)]
+    # The job is on the workspace's lock: its id (ann's "w", claimed by this request).
+    assert view.workspace == "w" and view.workspace_owner == "ann" and view.workspace_id
+    assert await jobs(pool) == [(view.id, 1, f"workspace:{view.workspace_id}", False)]
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT count(*) FROM deploy_secrets")
         assert (await cur.fetchone())[0] == 1
@@ -46,6 +48,7 @@ async def test_request_records_event_inputs_secrets_and_job(deploys, pool):
         assert (await cur.fetchone())[0] == {"main.tf": "# hi"}
         events = await store.read_stream(conn, view.id)
     assert [e.type for e in events] == ["Requested"]
+    assert events[0].data["workspace_id"] == view.workspace_id
     assert "s3cr3t" not in repr(events[0].data)
     assert events[0].data["secret_names"] == ["token"]
 
@@ -77,7 +80,7 @@ async def test_failure_queues_retry_with_delay_and_final_failure_forgets_secrets
     _, v = await deploys.execute(view.id, AttemptFailed(reason="apply_failed", retry_delay=5), "worker:w1")
     assert v.status == "retrying" and v.attempt == 2
     queued = await jobs(pool)
-    assert queued[-1] == (view.id, 2, "workspace:w", True)
+    assert queued[-1] == (view.id, 2, f"workspace:{view.workspace_id}", True)
     await deploys.execute(view.id, StartAttempt(worker="w1"), "worker:w1")
     _, v = await deploys.execute(view.id, AttemptFailed(reason="apply_failed"), "worker:w1")
     assert v.status == "failed" and v.error.reason == "apply_failed"

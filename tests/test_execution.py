@@ -338,10 +338,13 @@ async def test_deploy_with_s3_state_store(database_url, tmp_path, runner_image, 
         await S3StateStore(from_env({}, data_dir=str(tmp_path), **overrides)).ensure_bucket()
         async with harness(database_url, tmp_path, "local", runner_image, **overrides) as h:
             d = await h.submit({"main.tf": ONE_RESOURCE}, workspace="s3ws")
-            assert (await h.wait(d["id"]))["status"] == "succeeded"
+            done = await h.wait(d["id"])
+            assert done["status"] == "succeeded"
             persisted = [e for e in await h.events(d["id"]) if e["type"] == "StatePersisted"]
             assert persisted[0]["data"]["store"] == "s3"
-            assert persisted[0]["data"]["location"].startswith("s3://tfstates/tfdeploy/s3ws/")
+            # The object is keyed by the workspace's id, never by a name a user chose.
+            key = f"s3://tfstates/tfdeploy/{done['workspace_id']}/"
+            assert persisted[0]["data"]["location"].startswith(key)
             state = (await h.client.get("/workspaces/s3ws/state")).json()
             assert state["resources"][0]["type"] == "terraform_data"
             # The next deploy of the workspace starts from the state read back from S3.

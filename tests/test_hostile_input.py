@@ -102,11 +102,12 @@ async def world(services: Services, tokens: dict[str, str]) -> World:
     content = b'{"version": 4, "serial": 1, "lineage": "l", "resources": []}'
     serial, lineage, sha, size = index.state_meta(content)
     state_store = make_state_store(services.settings, services.pool)
+    key = (await services.deploys.get(failed)).workspace_id  # type: ignore[union-attr]
     async with services.pool.connection() as conn, conn.transaction():
-        version = await index.next_version(conn, "anns-ws")
-        stored = await state_store.put("anns-ws", version, content, sha)
+        version = await index.next_version(conn, key)
+        stored = await state_store.put(key, version, content, sha)
         await index.record_version(
-            conn, "anns-ws", version, failed, 1, stored, serial, lineage, sha, size
+            conn, key, version, failed, 1, stored, serial, lineage, sha, size
         )
     return World(queued, failed, cancelled, bobs, "anns-ws")
 
@@ -212,6 +213,7 @@ def _fuzz_operation(
     tokens: dict[str, str],
     deploy_ids: Any,
     workspaces: Any,
+    members: Any,
     cases: dict[tuple[str, str, str], int],
 ) -> str | None:
     """SCHEMATHESIS_EXAMPLES seeded cases of one operation, one user, one generation mode;
@@ -228,20 +230,29 @@ def _fuzz_operation(
         report_multiple_bugs=False,
     )
     @given(
-        case=operation.as_strategy(generation_mode=mode), deploy_id=deploy_ids, workspace=workspaces
+        case=operation.as_strategy(generation_mode=mode),
+        deploy_id=deploy_ids,
+        workspace=workspaces,
+        member=members,
     )
-    def check(case: Any, deploy_id: str | None, workspace: str | None) -> None:
+    def check(case: Any, deploy_id: str | None, workspace: str | None, member: str | None) -> None:
         params = case.path_parameters
         if params is not None:
             if deploy_id and "deploy_id" in params:
                 params["deploy_id"] = deploy_id
             if workspace and "name" in params:
                 params["name"] = workspace
+            if member and "user" in params:
+                params["user"] = member
         key = (case.operation.label, user, mode.value)
         cases[key] = cases.get(key, 0) + 1
+        # A real token in place of the one schemathesis made up; none where it left the
+        # Authorization header out on purpose (a negative case: then 401 is the right answer).
+        generated = {k.lower() for k in (case.headers or {})}
+        dropped = mode.value == "negative" and "authorization" not in generated
         case.call_and_validate(
             session=session,
-            headers=bearer(tokens[user]),
+            headers={} if dropped else bearer(tokens[user]),
             timeout=SSE_TIMEOUT if case.operation.path.endswith("/stream") else 60.0,
         )
 
@@ -275,7 +286,10 @@ def run_schemathesis(
     deploy_ids = st.sampled_from(
         [None, None, world.queued, world.failed, world.cancelled, world.bobs]
     )
-    workspaces = st.sampled_from([None, world.workspace, "bobs-ws"])
+    workspaces = st.sampled_from(
+        [None, world.workspace, f"ann:{world.workspace}", "bobs-ws", "bob:bobs-ws"]
+    )
+    members = st.sampled_from([None, "bob", "cat", "ann"])
     failures: list[str] = []
     cases: dict[tuple[str, str, str], int] = {}
     session = requests.Session()
@@ -290,7 +304,7 @@ def run_schemathesis(
         for user in ("ann", "root"):
             for mode in modes:
                 failure = _fuzz_operation(
-                    operation, mode, user, session, tokens, deploy_ids, workspaces, cases
+                    operation, mode, user, session, tokens, deploy_ids, workspaces, members, cases
                 )
                 if failure:
                     failures.append(failure)
@@ -679,9 +693,14 @@ async def test_invalid_utf8_in_headers_query_and_path(
         401,
         {"status_code": 401, "detail": "invalid token"},
     )
-    assert await get(b"/deploys?access_token=%ff%fe") == (
+    assert await get(b"/events/stream?access_token=%ff%fe") == (
         401,
         {"status_code": 401, "detail": "invalid token"},
+    )
+    # Off the two stream routes a query token is not looked at.
+    assert await get(b"/deploys?access_token=%ff%fe") == (
+        401,
+        {"status_code": 401, "detail": "missing token: send Authorization: Bearer <token>"},
     )
     # Garbage bytes as Last-Event-ID, on both streams.
     stream = f"/deploys/{world.queued}/stream".encode()
@@ -694,7 +713,10 @@ async def test_invalid_utf8_in_headers_query_and_path(
         {"status_code": 400, "detail": "Last-Event-ID must be an event position (an integer)"},
     )
     # Invalid UTF-8 in query values and paths: no such workspace, actor or deploy.
-    assert await get(b"/deploys?workspace=%ff%fe", ann) == (200, {"items": [], "next": None})
+    assert await get(b"/deploys?workspace=%ff%fe", ann) == (
+        404,
+        {"status_code": 404, "detail": "workspace not found"},
+    )
     assert await get(b"/events?actor=%c3%28&type=%ff", root) == (200, {"items": [], "next": None})
     assert await get(b"/deploys/%ff%fe/events", ann) == (
         404,
@@ -766,21 +788,25 @@ async def test_sql_looking_filter_values_match_nothing_and_nul_is_400(
     root = bearer(tokens["root"])
     before = await counts(services)
     # The filters work (a control), and compare for equality: no wildcard, no injection.
-    listed = (await api.get("/deploys", headers=root, params={"workspace": "anns-ws"})).json()
+    ref = "ann:anns-ws"
+    listed = (await api.get("/deploys", headers=root, params={"workspace": ref})).json()
     assert len(listed["items"]) == 3
-    audited = (await api.get("/events", headers=root, params={"workspace": "anns-ws"})).json()
+    audited = (await api.get("/events", headers=root, params={"workspace": ref})).json()
     assert len(audited["items"]) > 3
     for value in SQLISH:
         for url, name in (
-            ("/deploys", "workspace"),
             ("/deploys", "owner"),
-            ("/events", "workspace"),
             ("/events", "type"),
             ("/events", "actor"),
         ):
             response = await api.get(url, headers=root, params={name: value})
             assert response.status_code == 200, (url, name, value, response.text)
             assert response.json() == {"items": [], "next": None}, (url, name, value)
+        # A workspace ref names one workspace exactly, or none: 404, like any unknown one.
+        for url in ("/deploys", "/events"):
+            for prefix in ("", "ann:"):
+                response = await api.get(url, headers=root, params={"workspace": prefix + value})
+                assert_error(response, 404, "workspace not found")
         response = await api.get("/events", headers=root, params={"deploy_id": value})
         assert_error(response, 400, "deploy_id must be a UUID")
         response = await api.get("/deploys", headers=root, params={"status": value})
@@ -926,8 +952,8 @@ async def test_another_users_token_on_every_id_taking_route_answers_as_for_an_un
         for (method, template), role in sorted(ROUTES.items())
         if role != "open" and ("{deploy_id" in template or "{name" in template)
     ]
-    assert len(named) == 9
-    unknown_ws = "no-such-ws"
+    assert len(named) == 14
+    unknown_ws = "ann:no-such-ws"
 
     def comparable(response: httpx.Response) -> tuple[int, dict[str, str], bytes]:
         headers = {k: v for k, v in response.headers.items() if k not in ("date",)}
@@ -935,12 +961,15 @@ async def test_another_users_token_on_every_id_taking_route_answers_as_for_an_un
 
     for method, template in named:
         for deploy_id in (world.queued, world.failed, world.cancelled):
-            anns = concrete(template, deploy_id, world.workspace)
+            anns = concrete(template, deploy_id, f"ann:{world.workspace}")
             nobodys = concrete(template, UNKNOWN, unknown_ws)
-            for who, auth in (
-                ("bob", {"headers": bearer(tokens["bob"])}),
-                ("cat", {"params": {"access_token": tokens["cat"]}}),
-            ):
+            # cat as EventSource would come (?access_token=) where that is taken: the streams.
+            cats = (
+                {"params": {"access_token": tokens["cat"]}}
+                if template.endswith("/stream")
+                else {"headers": bearer(tokens["cat"])}
+            )
+            for who, auth in (("bob", {"headers": bearer(tokens["bob"])}), ("cat", cats)):
                 for extra in ({}, {"Last-Event-ID": "1"}):
                     kwargs: dict[str, Any] = {
                         "headers": {**auth.get("headers", {}), **extra},
@@ -948,6 +977,8 @@ async def test_another_users_token_on_every_id_taking_route_answers_as_for_an_un
                     }
                     if method == "POST":
                         kwargs["json"] = {}
+                    if method == "PUT":
+                        kwargs["json"] = {"role": "deploy"}
                     theirs = await api.request(method, anns, **kwargs)
                     none = await api.request(method, nobodys, **kwargs)
                     assert theirs.status_code == 404, (who, method, anns, theirs.text)

@@ -151,6 +151,15 @@ def check_stream(records: Sequence[StoredEvent]) -> DeployState:
     while i < len(events):
         command, n = command_at(events, i, state)
         made = decide(command, state)  # raises IllegalTransition if illegal here
+        if isinstance(command, RequestDeploy):
+            # The workspace (claimed or found) is the shell's fact, not a decision: the shell
+            # names it in the Requested event (service/deploys.py).
+            made = [
+                msgspec.structs.replace(
+                    m, workspace_id=events[i].workspace_id, workspace_owner=events[i].workspace_owner
+                )
+                for m in made
+            ]
         assert made == events[i : i + n], f"decide({command}) made {made}, stored {events[i:i + n]}"
         for e in made:
             state = evolve(state, e)
@@ -340,8 +349,10 @@ async def check_events(conn: psycopg.AsyncConnection[Any], ids: list[str]) -> No
     # Streams: unique (deploy, version), one Started per attempt, each a legal run.
     streams: dict[str, list[StoredEvent]] = defaultdict(list)
     for e in events:
-        streams[e.deploy_id].append(e)
+        if e.stream == "deploy":  # (the workspaces' own streams hold their WorkspaceCreated)
+            streams[e.deploy_id].append(e)
     assert sorted(streams) == ids
+    assert sorted(e.type for e in events if e.stream == "workspace") == ["WorkspaceCreated"] * WORKSPACES
     assert len({(e.deploy_id, e.version) for e in events}) == len(events)
     for records in streams.values():
         records.sort(key=lambda e: e.version)

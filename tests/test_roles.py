@@ -1,26 +1,39 @@
 """Roles on every endpoint: who may call what, and what everyone else gets.
 
-- no token, a bad one or a revoked one: 401 on every route but the open ones (/health, /metrics,
-  the status page and its static files, the OpenAPI document);
-- a user on an admin-only route: 403;
-- a user naming another user's deploy or workspace: 404 (the same as an unknown one);
-- a revoked token is refused on its very next request, Server-Sent Event streams included;
+The full table (issue #11): every route the app serves x (the workspace's owner, a ``read``
+member, a ``deploy`` member, another user, an admin, no token, an expired token), the expected
+status in each cell, checked against the app served over HTTP, and nothing written by a refused
+request. The rules it checks (service.api.access, docs/workspaces.md):
+
+- no token, an unknown, revoked or expired one, or a disabled user's: 401 on every route but the
+  open ones (/health, the status page and its static files, the OpenAPI document);
+- another user naming a deploy or a workspace that is not theirs to see: 404, the same as an
+  unknown one;
+- a member who may see but not do (a ``read`` member deploying, a member managing members), or a
+  user on an admin-only route: 403;
 - admin replay: admin only, failed deploys only, exactly one of concurrent replays wins, and the
   Retried event names the admin.
 
-The route table below must list every route the app serves (test_every_route_is_classified), so
-a new endpoint cannot arrive without its role rules being tested.
+MATRIX must list every route the app serves (test_every_route_is_classified), so a new endpoint
+cannot arrive without its cells.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
+from service import workspaces
 from service.api.app import create_app
-from service.auth import create_token, revoke_token
+from service.auth import create_token, create_user_token, list_tokens, revoke_token
 from service.deploys import NewDeploy
 from service.lifecycle import (
     AttemptFailed,
@@ -32,46 +45,100 @@ from service.lifecycle import (
     StartAttempt,
 )
 from service.services import Services
+from service.statestores import index, make_state_store
 
 MAIN_TF = 'resource "null_resource" "x" {}\n'
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
+WHO = ("owner", "reader", "deployer", "other", "admin", "none", "expired")
+# Tokens of the cast: ann owns ann:prod, rita reads it, dave deploys to it, otto is a stranger.
+USERS = {"owner": "ann", "reader": "rita", "deployer": "dave", "other": "otto", "admin": "root"}
 
-# (method, path template) -> who may call it. "open": anyone; "user": any valid token (owner
-# rules apply to the ids in it); "admin": an admin token.
-ROUTES: dict[tuple[str, str], str] = {
-    ("GET", "/health"): "open",
-    ("GET", "/metrics"): "open",
-    ("GET", "/"): "open",
-    ("GET", "/static/{name:str}"): "open",
-    ("GET", "/schema"): "open",
-    ("GET", "/schema/scalar"): "open",
-    ("GET", "/schema/openapi.json"): "open",
-    ("GET", "/schema/openapi.yml"): "open",
-    ("GET", "/schema/openapi.yaml"): "open",
-    ("GET", "/schema/{path:str}"): "open",
-    ("POST", "/deploys"): "user",
-    ("GET", "/deploys"): "user",
-    ("GET", "/deploys/{deploy_id:str}"): "user",
-    ("GET", "/deploys/{deploy_id:str}/events"): "user",
-    ("GET", "/deploys/{deploy_id:str}/logs"): "user",
-    ("GET", "/deploys/{deploy_id:str}/stream"): "user",
-    ("POST", "/deploys/{deploy_id:str}/cancel"): "user",
-    ("POST", "/deploys/{deploy_id:str}/replay"): "admin",
-    ("GET", "/workspaces/{name:str}/state"): "user",
-    ("GET", "/workspaces/{name:str}/states"): "user",
-    ("GET", "/workspaces/{name:str}/states/{version:int}"): "user",
-    ("GET", "/events"): "user",
-    ("GET", "/events/stream"): "admin",
+
+def row(owner: int, reader: int, deployer: int, other: int, admin: int) -> dict[str, int]:
+    """Expected statuses; no token and an expired one are always 401."""
+    return {
+        "owner": owner,
+        "reader": reader,
+        "deployer": deployer,
+        "other": other,
+        "admin": admin,
+        "none": 401,
+        "expired": 401,
+    }
+
+
+OPEN = dict.fromkeys(WHO, 200)
+READ = row(200, 200, 200, 404, 200)  # whoever may read the workspace
+DEPLOY = row(202, 403, 202, 404, 202)  # whoever may deploy to it
+MANAGE = row(200, 403, 403, 404, 200)  # its owner and admins
+ANY_USER = row(200, 200, 200, 200, 200)
+ADMIN = row(403, 403, 403, 403, 200)
+
+# (method, path template) -> the expected status of each caller. The deploy in the paths is ann's
+# (in ann:prod), failed; the workspace is ann:prod.
+MATRIX: dict[tuple[str, str], dict[str, int]] = {
+    ("GET", "/health"): OPEN,
+    ("GET", "/"): OPEN,
+    ("GET", "/static/{name:str}"): OPEN,
+    ("GET", "/schema"): OPEN,
+    ("GET", "/schema/openapi.json"): OPEN,
+    ("GET", "/schema/openapi.yml"): OPEN,
+    ("GET", "/schema/openapi.yaml"): OPEN,
+    ("GET", "/schema/{path:str}"): OPEN,
+    ("GET", "/metrics"): ADMIN,  # open with TFDEPLOY_METRICS_PUBLIC=true (test_tenants.py)
+    ("POST", "/deploys"): DEPLOY,  # to ann:prod
+    ("GET", "/deploys"): READ,  # ?workspace=ann:prod
+    ("GET", "/deploys/{deploy_id:str}"): READ,
+    ("GET", "/deploys/{deploy_id:str}/events"): READ,
+    ("GET", "/deploys/{deploy_id:str}/logs"): READ,
+    ("GET", "/deploys/{deploy_id:str}/stream"): READ,
+    ("POST", "/deploys/{deploy_id:str}/cancel"): DEPLOY,  # a queued deploy of ann:prod
+    # An admin's; another user does not even see the deploy.
+    ("POST", "/deploys/{deploy_id:str}/replay"): row(403, 403, 403, 404, 202),
+    ("GET", "/workspaces"): ANY_USER,  # each sees what they may (checked below)
+    ("GET", "/workspaces/{name:str}/state"): READ,
+    ("GET", "/workspaces/{name:str}/states"): READ,
+    ("GET", "/workspaces/{name:str}/states/{version:int}"): READ,
+    ("GET", "/workspaces/{name:str}/outputs"): READ,
+    ("GET", "/workspaces/{name:str}/resources"): READ,
+    ("GET", "/workspaces/{name:str}/members"): MANAGE,
+    ("PUT", "/workspaces/{name:str}/members/{user:str}"): MANAGE | {"owner": 201, "admin": 201},
+    ("DELETE", "/workspaces/{name:str}/members/{user:str}"): MANAGE | {"owner": 204, "admin": 204},
+    ("GET", "/events"): READ,  # ?workspace=ann:prod
+    ("GET", "/events/stream"): ADMIN,
 }
-COUNTED_TABLES = ("events", "deploys", "deploy_inputs", "idempotency_keys", "procrastinate_jobs")
+# The classes other suites use (tests/test_hostile_input.py): "open", "user" (any valid token;
+# the rules above apply to the ids in it), "admin".
+ROUTES: dict[tuple[str, str], str] = {
+    route: "open" if cells is OPEN else "admin" if cells["owner"] == cells["deployer"] == 403 else "user"
+    for route, cells in MATRIX.items()
+}
+COUNTED_TABLES = (
+    "events",
+    "deploys",
+    "deploy_inputs",
+    "idempotency_keys",
+    "procrastinate_jobs",
+    "workspaces",
+    "workspace_members",
+)
+STATE = (
+    b'{"version": 4, "terraform_version": "1.11.4", "serial": 3, "lineage": "l", '
+    b'"outputs": {"url": {"value": "https://x", "type": "string"}, '
+    b'"password": {"value": "hunter2", "type": "string", "sensitive": true}}, '
+    b'"resources": [{"mode": "managed", "type": "terraform_data", "name": "web", '
+    b'"provider": "provider[\\"terraform.io/builtin/terraform\\"]", '
+    b'"instances": [{"schema_version": 0, "attributes": {"input": "hunter2"}}]}]}'
+)
 
 
-def concrete(path: str, deploy_id: str, workspace: str) -> str:
+def concrete(path: str, deploy_id: str, workspace: str, user: str = "bob") -> str:
     return (
         path.replace("{deploy_id:str}", deploy_id)
         .replace("{name:str}", workspace)
         .replace("{version:int}", "1")
         .replace("{path:str}", "openapi.json")
+        .replace("{user:str}", user)
     )
 
 
@@ -118,8 +185,8 @@ async def counts(services: Services) -> dict[str, int]:
     async with services.pool.connection() as conn:
         for table in COUNTED_TABLES:
             cur = await conn.execute(f"SELECT count(*) FROM {table}")
-            row = await cur.fetchone()
-            out[table] = row[0] if row else 0
+            row_ = await cur.fetchone()
+            out[table] = row_[0] if row_ else 0
     return out
 
 
@@ -127,6 +194,32 @@ def assert_error(response: httpx.Response, status: int, what: str = "") -> None:
     assert response.status_code == status, (what, response.status_code, response.text)
     body = response.json()
     assert body["status_code"] == status and isinstance(body["detail"], str), what
+
+
+@pytest.fixture
+async def served(services: Services) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app behind uvicorn on a free loopback port (streams need a real server),
+    served from this event loop."""
+    app = create_app(services)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
 
 
 # ---------------------------------------------------------------- the route table
@@ -140,9 +233,180 @@ async def test_every_route_is_classified(services: Services) -> None:
         for method in route.methods  # type: ignore[attr-defined]
         if method not in ("OPTIONS", "HEAD")
     }
-    assert served == set(ROUTES), (
-        f"unclassified: {sorted(served - set(ROUTES))}, gone: {sorted(set(ROUTES) - served)}"
+    assert served == set(MATRIX), (
+        f"unclassified: {sorted(served - set(MATRIX))}, gone: {sorted(set(MATRIX) - served)}"
     )
+
+
+@dataclass
+class Cast:
+    tokens: dict[str, str | None]  # who -> token (None: no token)
+    prod: workspaces.Workspace  # ann:prod
+    failed: str  # ann's failed deploy in ann:prod
+
+
+@pytest.fixture
+async def cast(services: Services, tokens: dict[str, str]) -> Cast:
+    """ann's workspace prod (a failed deploy, a state with outputs), rita a read member, dave a
+    deploy member, otto a stranger, root the admin, and an expired token of ann's."""
+    async with services.pool.connection() as conn:
+        extra = {name: await create_token(conn, name) for name in ("rita", "dave", "otto")}
+        expired = await create_user_token(
+            conn, "ann", expires_at=datetime.now(UTC) - timedelta(seconds=1)
+        )
+    failed = await deploy(services, "ann", workspace="prod")
+    await fail(services, failed)
+    async with services.pool.connection() as conn:
+        prod = await workspaces.find(conn, "ann", "prod")
+    assert prod is not None
+    await workspaces.set_member(services.pool, prod, "rita", "read", "user:ann")
+    await workspaces.set_member(services.pool, prod, "dave", "deploy", "user:ann")
+    serial, lineage, sha, size = index.state_meta(STATE)
+    store_ = make_state_store(services.settings, services.pool)
+    async with services.pool.connection() as conn, conn.transaction():
+        version = await index.next_version(conn, prod.id)
+        stored = await store_.put(prod.id, version, STATE, sha)
+        await index.record_version(conn, prod.id, version, failed, 1, stored, serial, lineage, sha, size)
+    all_tokens = {role: ({**tokens, **extra})[user] for role, user in USERS.items()}
+    return Cast(tokens={**all_tokens, "none": None, "expired": expired}, prod=prod, failed=failed)
+
+
+async def _call(
+    client: httpx.AsyncClient, method: str, url: str, token: str | None, **kw: Any
+) -> httpx.Response:
+    headers = {**(bearer(token) if token else {}), **kw.pop("headers", {})}
+    if url.endswith("/stream"):
+        # Read the answer's head (and, for an open stream, its first message), then hang up.
+        async with client.stream(method, url, headers=headers, **kw) as response:
+            if response.status_code == 200:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                async for line in response.aiter_lines():
+                    if line.startswith("event:"):
+                        break
+            else:
+                await response.aread()
+            return response
+    return await client.request(method, url, headers=headers, **kw)
+
+
+async def test_every_route_for_every_caller(
+    services: Services, cast: Cast, served: httpx.AsyncClient
+) -> None:
+    """The table, cell by cell: each caller's status on each route, and a refused request writes
+    nothing. Cells that change something get a fresh object each (a queued deploy to cancel, a
+    failed one to replay, a member to remove), so every cell sees the same world."""
+
+    async def queued() -> str:
+        return await deploy(services, "ann", workspace="prod")
+
+    async def failed() -> str:
+        d = await deploy(services, "ann", workspace="prod")
+        await fail(services, d)
+        return d
+
+    async def bob_is(role: str | None) -> None:
+        if role is None:
+            await workspaces.remove_member(services.pool, cast.prod, "bob", "user:ann")
+        else:
+            await workspaces.set_member(services.pool, cast.prod, "bob", role, "user:ann")  # type: ignore[arg-type]
+
+    # route -> what to prepare, and the request's keyword arguments
+    prepare: dict[tuple[str, str], Callable[[], Awaitable[tuple[str, dict[str, Any]]]]] = {}
+
+    async def plain(route: tuple[str, str]) -> tuple[str, dict[str, Any]]:
+        return concrete(route[1], cast.failed, "ann:prod"), {}
+
+    for route in MATRIX:
+        prepare[route] = lambda route=route: plain(route)  # type: ignore[misc]
+
+    async def post_deploy() -> tuple[str, dict[str, Any]]:
+        return "/deploys", {"json": {"workspace": "ann:prod", "files": {"main.tf": MAIN_TF}}}
+
+    async def cancel() -> tuple[str, dict[str, Any]]:
+        return f"/deploys/{await queued()}/cancel", {}
+
+    async def replay() -> tuple[str, dict[str, Any]]:
+        return f"/deploys/{await failed()}/replay", {}
+
+    async def add_member() -> tuple[str, dict[str, Any]]:
+        await bob_is(None)
+        return "/workspaces/ann:prod/members/bob", {"json": {"role": "read"}}
+
+    async def remove_member() -> tuple[str, dict[str, Any]]:
+        await bob_is("deploy")
+        return "/workspaces/ann:prod/members/bob", {}
+
+    async def with_query(path: str) -> tuple[str, dict[str, Any]]:
+        return path, {"params": {"workspace": "ann:prod"}}
+
+    async def static() -> tuple[str, dict[str, Any]]:
+        return "/static/app.js", {}
+
+    prepare |= {
+        ("POST", "/deploys"): post_deploy,
+        ("POST", "/deploys/{deploy_id:str}/cancel"): cancel,
+        ("POST", "/deploys/{deploy_id:str}/replay"): replay,
+        ("PUT", "/workspaces/{name:str}/members/{user:str}"): add_member,
+        ("DELETE", "/workspaces/{name:str}/members/{user:str}"): remove_member,
+        ("GET", "/deploys"): lambda: with_query("/deploys"),
+        ("GET", "/events"): lambda: with_query("/events"),
+        ("GET", "/static/{name:str}"): static,
+    }
+    wrong: list[str] = []
+    for route, cells in sorted(MATRIX.items()):
+        for who in WHO:
+            url, kw = await prepare[route]()
+            before = await counts(services)
+            response = await _call(served, route[0], url, cast.tokens[who], **kw)
+            if response.status_code != cells[who]:
+                wrong.append(f"{who}: {route[0]} {url}: {response.status_code} {response.text[:120]}")
+                continue
+            if response.status_code >= 400:
+                body = response.json()
+                assert body["status_code"] == response.status_code, (who, route)
+                assert await counts(services) == before, (who, route)  # nothing written
+                if response.status_code == 401:
+                    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert not wrong, "\n".join(wrong)
+
+
+async def test_what_each_caller_sees_in_lists_and_the_audit(
+    services: Services, cast: Cast, served: httpx.AsyncClient
+) -> None:
+    """The lists leave out what a caller may not see instead of refusing: GET /workspaces, GET
+    /deploys, GET /events. A workspace's own stream (created, member changes, state downloads) is
+    its owner's and the admins'; members see its deploys' events."""
+    others = await deploy(services, "otto", workspace="prod")  # otto's own prod
+    got = await _call(served, "GET", "/workspaces/ann:prod/state", cast.tokens["reader"])
+    assert got.status_code == 200  # a download by rita: in ann:prod's stream
+
+    async def listed(who: str, path: str, **params: str) -> Any:
+        response = await _call(served, "GET", path, cast.tokens[who], params=params)
+        assert response.status_code == 200, (who, path, response.text)
+        return response.json()["items"]
+
+    for who, role in (("owner", "owner"), ("reader", "read"), ("deployer", "deploy"), ("admin", "admin")):
+        spaces = {w["ref"]: w for w in await listed(who, "/workspaces")}
+        assert spaces["ann:prod"]["role"] == role
+        assert spaces["ann:prod"]["latest_deploy"]["id"] == cast.failed
+        assert spaces["ann:prod"]["latest_state"]["version"] == 1
+        assert ("otto:prod" in spaces) == (who == "admin")
+        deploys = {d["id"] for d in await listed(who, "/deploys")}
+        assert cast.failed in deploys and (others in deploys) == (who == "admin")
+        events = await listed(who, "/events", workspace="ann:prod")
+        kinds = {(e["stream"], e["type"]) for e in events}
+        assert ("deploy", "Requested") in kinds
+        owner_or_admin = who in ("owner", "admin")
+        for fact in ("WorkspaceCreated", "MemberSet", "StateDownloaded"):
+            assert (("workspace", fact) in kinds) == owner_or_admin, (who, fact)
+        assert {e["workspace_id"] for e in events} == {cast.prod.id}
+    assert [w["ref"] for w in await listed("other", "/workspaces")] == ["otto:prod"]
+    assert {d["id"] for d in await listed("other", "/deploys")} == {others}
+    assert cast.failed not in {e["deploy_id"] for e in await listed("other", "/events")}
+    downloads = [
+        e for e in await listed("owner", "/events", type="StateDownloaded") if e["actor"] == "user:rita"
+    ]
+    assert [e["data"]["state_version"] for e in downloads] == [1]
 
 
 # ---------------------------------------------------------------- 401
@@ -159,11 +423,15 @@ async def test_no_bad_or_malformed_token_is_401_on_every_guarded_route(
         ("empty bearer", {"Authorization": "Bearer "}, {}),
         ("another scheme", {"Authorization": f"Basic {tokens['ann']}"}, {}),
         ("unknown access_token", {}, {"access_token": "tfd_not-a-token"}),
+        # A good token in the query string counts on the two stream routes only.
+        ("access_token off the streams", {}, {"access_token": tokens["root"]}),
     ]
     for method, template in guarded_routes():
         url = concrete(template, anns, "default")
         for name, headers, params in variants:
-            body = {"files": {"main.tf": MAIN_TF}} if method == "POST" else None
+            if name == "access_token off the streams" and url.endswith("/stream"):
+                continue
+            body = {"files": {"main.tf": MAIN_TF}} if method in ("POST", "PUT") else None
             response = await client.request(method, url, headers=headers, params=params, json=body)
             assert_error(response, 401, f"{name}: {method} {url}")
             assert response.headers["www-authenticate"].startswith("Bearer")
@@ -191,14 +459,13 @@ async def test_admin_only_routes_are_403_for_users_and_write_nothing(
     await fail(services, anns)  # replayable: only the role stands in the way
     before = await counts(services)
     admin_only = [route for route, role in ROUTES.items() if role == "admin"]
-    assert admin_only
+    assert len(admin_only) == 3
     for method, template in admin_only:
         url = concrete(template, anns, "default")
-        # Bearer header and ?access_token= alike, by the deploy's owner and by another user.
-        for response in (
-            await client.request(method, url, headers=bearer(tokens["ann"])),
-            await client.request(method, url, params={"access_token": tokens["ann"]}),
-        ):
+        responses = [await client.request(method, url, headers=bearer(tokens["ann"]))]
+        if url.endswith("/stream"):  # ?access_token= too, as EventSource sends it
+            responses.append(await client.request(method, url, params={"access_token": tokens["ann"]}))
+        for response in responses:
             assert_error(response, 403, f"{method} {url}")
         if "{deploy_id" not in template:
             assert_error(await client.request(method, url, headers=bearer(tokens["bob"])), 403)
@@ -222,16 +489,19 @@ async def test_another_users_deploy_or_workspace_is_404_on_every_route_that_name
         for (method, template), role in ROUTES.items()
         if role != "open" and ("{deploy_id" in template or "{name" in template)
     ]
-    assert len(named) == 9
+    assert len(named) == 14
     for method, template in named:
-        url = concrete(template, anns, "anns-ws")
-        # bob: ann's deploy / workspace is not his; an unknown id and a malformed one look the same.
+        url = concrete(template, anns, "ann:anns-ws")
+        body = {"role": "read"} if method == "PUT" else None
+        # bob: ann's deploy / workspace is not his; an unknown id and a malformed one look the
+        # same; so does "anns-ws", which names bob's own (none).
         for as_bob in (
             url,
-            concrete(template, UNKNOWN, "no-such-ws"),
+            concrete(template, anns, "anns-ws"),
+            concrete(template, UNKNOWN, "ann:no-such-ws"),
             concrete(template, "nope", "x"),
         ):
-            response = await client.request(method, as_bob, headers=bearer(tokens["bob"]))
+            response = await client.request(method, as_bob, headers=bearer(tokens["bob"]), json=body)
             assert_error(response, 404, f"bob: {method} {as_bob}")
     assert await counts(services) == before
     # ann and the admin do find her deploy (whatever else they then get).
@@ -243,10 +513,12 @@ async def test_another_users_deploy_or_workspace_is_404_on_every_route_that_name
     assert anns not in {d["id"] for d in listed}
     audit = await client.get("/events", headers=bearer(tokens["bob"]), params={"deploy_id": anns})
     assert audit.status_code == 200 and audit.json()["items"] == []
-    audit = await client.get(
-        "/events", headers=bearer(tokens["bob"]), params={"workspace": "anns-ws"}
-    )
-    assert audit.status_code == 200 and audit.json()["items"] == []
+    # Naming another user's workspace in a filter is the same 404 as naming none.
+    for params in ({"workspace": "ann:anns-ws"}, {"workspace": "ann:nothing"}):
+        for path in ("/events", "/deploys"):
+            response = await client.get(path, headers=bearer(tokens["bob"]), params=params)
+            assert_error(response, 404, f"{path} {params}")
+            assert response.json()["detail"] == "workspace not found"
 
 
 # ---------------------------------------------------------------- revoked tokens
@@ -263,18 +535,17 @@ async def test_a_revoked_token_is_refused_at_once_everywhere_sse_included(
     assert (await client.get(f"/deploys/{anns}", headers=bearer(tokens["ann"]))).status_code == 200
     assert (await client.get("/events", headers=bearer(boss))).status_code == 200
     async with services.pool.connection() as conn:
-        assert await revoke_token(conn, "ann") == 1
-        assert await revoke_token(conn, "boss") == 1
+        ids = {t["user"]: t["id"] for t in await list_tokens(conn)}
+        assert await revoke_token(conn, ids["ann"])
+        assert await revoke_token(conn, ids["boss"])
     before = await counts(services)
     # ... and from the very next request on, nothing does: no cache holds a token.
     for token in (tokens["ann"], boss):
         for method, template in guarded_routes():
             url = concrete(template, anns, "default")
-            body = {"files": {"main.tf": MAIN_TF}} if method == "POST" else None
+            body = {"files": {"main.tf": MAIN_TF}} if method in ("POST", "PUT") else None
             by_header = await client.request(method, url, headers=bearer(token), json=body)
             assert_error(by_header, 401, f"{method} {url}")
-            by_query = await client.request(method, url, params={"access_token": token}, json=body)
-            assert_error(by_query, 401, f"{method} {url}?access_token")
     assert await counts(services) == before
     # Both SSE routes, as an EventSource would connect (?access_token=, Last-Event-ID).
     for url in (f"/deploys/{anns}/stream", "/events/stream"):

@@ -196,9 +196,11 @@ class Env:
 
     async def versions(self) -> list[tuple[Any, ...]]:
         async with self.services.pool.connection() as conn:
+            # State rows are keyed by the workspace's id; shown here by its name.
             cur = await conn.execute(
-                "SELECT workspace, version, deploy_id::text, attempt, location, sha256, serial, lineage"
-                " FROM state_versions ORDER BY workspace, version"
+                "SELECT w.name, s.version, s.deploy_id::text, s.attempt, s.location, s.sha256,"
+                " s.serial, s.lineage, s.workspace FROM state_versions s"
+                " JOIN workspaces w ON w.id::text = s.workspace ORDER BY w.name, s.version"
             )
             return list(await cur.fetchall())
 
@@ -345,7 +347,7 @@ async def test_flapping_store_under_concurrent_deploys_loses_and_mixes_nothing(
             assert [v[6] for v in mine] == sorted(v[6] for v in mine), "serials never go back"
             for v in mine:
                 key = v[4].split("/", 3)[3]
-                assert key.endswith(f"/{w}/{v[1]:08d}.tfstate")
+                assert key.endswith(f"/{v[8]}/{v[1]:08d}.tfstate")  # keyed by the workspace's id
                 raw = env.direct.get_object(Bucket=BUCKET, Key=key)["Body"].read()
                 content = env.services.extras["keyring"].open(raw)
                 assert hashlib.sha256(content).hexdigest() == v[5]

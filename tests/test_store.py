@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
+import msgspec
 import psycopg
 import pytest
 from psycopg import errors
 from psycopg.types.json import Jsonb
 
 from service import store
-from service.events import PlanChange, PlanSummary, Requested, Started, to_data
+from service.events import MemberSet, PlanChange, PlanSummary, Requested, Started, to_data
 from service.lifecycle import (
     STATUSES,
     Approve,
@@ -49,6 +51,44 @@ APPEND_LOCK = 7310002
 
 OWNERS = ("alice", "bob", "carol")
 WORKSPACES = ("w1", "w2", "w3")
+# Memberships made by ``make_workspaces``: (owner, workspace) -> {member: role}.
+MEMBERS = {("alice", "w1"): {"bob": "read"}, ("carol", "w2"): {"alice": "deploy", "bob": "read"}}
+
+
+def ws_id(owner: str, workspace: str) -> str:
+    """The id of ``owner``'s workspace ``workspace`` (names are per user)."""
+    return str(uuid5(NAMESPACE_URL, f"tfdeploy:{owner}:{workspace}"))
+
+
+async def make_workspaces(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Every owner's w1..w3, the MEMBERS, and their MemberSet events in the workspace streams."""
+    async with conn.transaction():
+        for owner in OWNERS:
+            await conn.execute(
+                "INSERT INTO users (name) VALUES (%s) ON CONFLICT DO NOTHING", (owner,)
+            )
+        for owner in OWNERS:
+            for workspace in WORKSPACES:
+                await conn.execute(
+                    "INSERT INTO workspaces (id, owner, name) VALUES (%s, %s, %s)",
+                    (ws_id(owner, workspace), owner, workspace),
+                )
+        for (owner, workspace), members in MEMBERS.items():
+            for user, role in members.items():
+                await conn.execute(
+                    "INSERT INTO workspace_members (workspace_id, user_name, role) VALUES (%s, %s, %s)",
+                    (ws_id(owner, workspace), user, role),
+                )
+                await store.append_workspace(
+                    conn, ws_id(owner, workspace), None, [MemberSet(user=user, role=role)], f"user:{owner}"
+                )
+
+
+def readable(viewer: str) -> set[str]:
+    """The workspace ids ``viewer`` may read: owned, or a member of."""
+    return {ws_id(viewer, w) for w in WORKSPACES} | {
+        ws_id(*key) for key, members in MEMBERS.items() if viewer in members
+    }
 
 
 class Rollback(Exception):
@@ -77,6 +117,8 @@ def requested(owner: str = "alice", workspace: str = "w1", max_attempts: int = 3
         max_attempts=max_attempts,
         owner=owner,
         files={"main.tf": "a" * 64},
+        workspace_id=ws_id(owner, workspace),
+        workspace_owner=owner,
     )
 
 
@@ -202,7 +244,12 @@ async def step(
     if not options:
         return None
     command, actor = rng.choice(options)
-    events = decide(command, state)
+    events = [
+        msgspec.structs.replace(e, workspace_id=ws_id(owner, workspace), workspace_owner=owner)
+        if isinstance(e, Requested)
+        else e
+        for e in decide(command, state)
+    ]
     if not events:
         return None
     prior = stream if rng.random() < 0.7 else None  # both paths of append()
@@ -217,6 +264,8 @@ async def drive(
     rng = random.Random(seed)
     plan = {str(uuid4()): (rng.choice(OWNERS), rng.choice(WORKSPACES)) for _ in range(count)}
     ids = list(plan)
+    async with pool.connection() as conn:
+        await make_workspaces(conn)
 
     async def worker(k: int) -> None:
         wrng = random.Random(seed * 100 + k)
@@ -880,26 +929,34 @@ def newest_first(views) -> list[tuple[datetime, UUID]]:
 
 
 async def test_list_deploys_filters_and_keyset_pages(pool, conn):
-    await drive(pool, count=90, seed=5)
+    plan = await drive(pool, count=90, seed=5)
     everything = await store.list_deploys(conn, limit=10_000)
     assert len(everything) == 90
-    for i, (owner, status, workspace) in enumerate(
-        itertools.product((None, *OWNERS, "nobody"), (None, *STATUSES), (None, *WORKSPACES))
-    ):
+    assert {v.id: v.workspace_id for v in everything} == {d: ws_id(*plan[d]) for d in plan}
+    workspace_ids = (ws_id("alice", "w1"), ws_id("carol", "w2"), ws_id("bob", "w3"))
+    combos = itertools.product(
+        (None, *OWNERS, "nobody"), (None, *STATUSES), (None, *workspace_ids), (None, *OWNERS)
+    )
+    rng = random.Random(4)
+    for i, (owner, status, workspace_id, viewer) in enumerate(combos):
+        if status is not None and rng.random() < 0.7:
+            continue  # a sample of the status filters is enough
         expect = sorted(
             (
                 v
                 for v in everything
                 if (owner is None or v.owner == owner)
                 and (status is None or v.status == status)
-                and (workspace is None or v.workspace == workspace)
+                and (workspace_id is None or v.workspace_id == workspace_id)
+                and (viewer is None or v.owner == viewer or v.workspace_id in readable(viewer))
             ),
             key=lambda v: (v.created_at, UUID(v.id)),
             reverse=True,
         )
         limit = (1, 3, 7, 100)[i % 4]
-        got = await pages(conn, limit, owner=owner, status=status, workspace=workspace)
-        assert [v.id for v in got] == [v.id for v in expect], (owner, status, workspace, limit)
+        filters = {"owner": owner, "status": status, "workspace_id": workspace_id, "viewer": viewer}
+        got = await pages(conn, limit, **filters)
+        assert [v.id for v in got] == [v.id for v in expect], (filters, limit)
         assert got == expect
 
 
@@ -935,10 +992,20 @@ async def test_list_deploys_breaks_created_at_ties_by_id(conn):
 
 
 @pytest.mark.parametrize(
-    "filters", [{}, {"owner": "bob"}, {"workspace": "w2"}, {"status": "queued"}]
+    "filters",
+    [
+        {},
+        {"owner": "bob"},
+        {"workspace_id": "the busiest"},
+        {"status": "queued"},
+        {"viewer": "alice"},
+    ],
 )
 async def test_list_deploys_pages_stay_exact_while_deploys_are_appended(pool, conn, filters):
-    await drive(pool, count=60, seed=9)
+    plan = await drive(pool, count=60, seed=9)
+    if "workspace_id" in filters:  # the workspace with the most deploys: pages enough
+        busiest = Counter(ws_id(*plan[d]) for d in plan).most_common(1)[0][0]
+        filters = {"workspace_id": busiest}
     rng = random.Random(3)
     before = await pages(conn, 10_000, **filters)
     added: list[str] = []
@@ -976,30 +1043,51 @@ async def test_audit_page_matches_a_brute_force_filter(pool, conn):
     owner_of = {e.deploy_id: e.event.owner for e in events if e.type == "Requested"}
     workspace_of = {e.deploy_id: e.event.workspace for e in events if e.type == "Requested"}
     assert {d: (owner_of[d], workspace_of[d]) for d in plan} == plan
+    # The workspace streams (MemberSet events) are in the table too: their owner is the viewer
+    # who may see them.
+    ws_owner = {ws_id(o, w): o for o in OWNERS for w in WORKSPACES}
+    in_ws = [e for e in events if e.stream == "workspace"]
+    assert {e.deploy_id for e in in_ws} == {ws_id(*key) for key in MEMBERS}
+
+    def ws_of(e: StoredEvent) -> str:
+        return e.deploy_id if e.stream == "workspace" else ws_id(*plan[e.deploy_id])
+
+    assert all(e.workspace_id == ws_of(e) for e in events)
 
     times = sorted(e.recorded_at for e in events)
     some_deploy = max(plan, key=lambda d: sum(e.deploy_id == d for e in events))
     choices: dict[str, list[Any]] = {
-        "deploy_id": [some_deploy, str(uuid4())],
-        "workspace": ["w2", "nope"],
-        "type": ["Failed", "Requested", "Retried"],
-        "actor": ["admin:root", "worker:w1", "user:bob"],
-        "owner": ["bob", "alice"],
+        "deploy_id": [some_deploy, str(uuid4()), ws_id("alice", "w1")],
+        "workspace_id": [ws_id("carol", "w2"), ws_id("alice", "w1"), str(uuid4())],
+        "workspace_stream": [True, False],
+        "type": ["Failed", "Requested", "Retried", "MemberSet"],
+        "actor": ["admin:root", "worker:w1", "user:bob", "user:carol"],
+        "viewer": ["bob", "alice", "carol"],
         # boundaries exactly on an event's time: since is inclusive, until exclusive
         "since": [times[len(times) // 3], times[0], times[-1] + timedelta(seconds=1)],
         "until": [times[2 * len(times) // 3], times[-1]],
         "after": [events[len(events) // 2].position, events[-1].position],
     }
 
+    def in_workspace(e: StoredEvent, f: dict[str, Any]) -> bool:
+        if e.stream == "workspace":
+            return bool(f.get("workspace_stream")) and e.deploy_id == f["workspace_id"]
+        return ws_of(e) == f["workspace_id"]
+
+    def seen_by(e: StoredEvent, viewer: str) -> bool:
+        if e.stream == "workspace":
+            return ws_owner[e.deploy_id] == viewer
+        return owner_of[e.deploy_id] == viewer or ws_of(e) in readable(viewer)
+
     def brute(f: dict[str, Any]) -> list[int]:
         return [
             e.position
             for e in events
             if ("deploy_id" not in f or e.deploy_id == f["deploy_id"])
-            and ("workspace" not in f or workspace_of[e.deploy_id] == f["workspace"])
+            and ("workspace_id" not in f or in_workspace(e, f))
             and ("type" not in f or e.type == f["type"])
             and ("actor" not in f or e.actor == f["actor"])
-            and ("owner" not in f or owner_of[e.deploy_id] == f["owner"])
+            and ("viewer" not in f or seen_by(e, f["viewer"]))
             and ("since" not in f or e.recorded_at >= f["since"])
             and ("until" not in f or e.recorded_at < f["until"])
             and ("after" not in f or e.position > f["after"])
@@ -1030,10 +1118,11 @@ async def test_audit_page_matches_a_brute_force_filter(pool, conn):
         e = rng.choice(events)
         matching = {
             "deploy_id": e.deploy_id,
-            "workspace": workspace_of[e.deploy_id],
+            "workspace_id": ws_of(e),
+            "workspace_stream": e.stream == "workspace" or rng.random() < 0.5,
             "type": e.type,
             "actor": e.actor,
-            "owner": owner_of[e.deploy_id],
+            "viewer": ws_owner[ws_of(e)] if e.stream == "workspace" else owner_of[e.deploy_id],
             "since": rng.choice([t for t in times if t <= e.recorded_at]),
             "until": rng.choice(
                 [t for t in times if t > e.recorded_at] or [e.recorded_at + timedelta(1)]
@@ -1046,8 +1135,8 @@ async def test_audit_page_matches_a_brute_force_filter(pool, conn):
     combos.append(
         {
             "deploy_id": some_deploy,
-            "workspace": workspace_of[some_deploy],
-            "owner": owner_of[some_deploy],
+            "workspace_id": ws_id(*plan[some_deploy]),
+            "viewer": owner_of[some_deploy],
             "since": times[0],
             "until": times[-1] + timedelta(seconds=1),
             "after": 0,
@@ -1066,6 +1155,7 @@ async def test_audit_page_matches_a_brute_force_filter(pool, conn):
             **{k: v for k, v in f.items() if k != "after"},
         )
         assert [e.position for e in whole] == expect, f
+        assert all(e.workspace_id == ws_of(e) for e in whole)
     assert nonempty > len(combos) // 2  # the combinations are not vacuous
 
 

@@ -27,7 +27,7 @@ import uvicorn
 from service import store
 from service.api.app import create_app
 from service.api.streams import StreamOptions
-from service.auth import create_token, revoke_token
+from service.auth import create_token, list_tokens, revoke_token
 from service.deploys import NewDeploy
 from service.lifecycle import AttemptFailed, AttemptSucceeded, PersistedState, StartAttempt
 from service.logs import append_lines, read_logs
@@ -306,6 +306,8 @@ async def test_deploy_stream_format_and_statuses(server: Server, services: Servi
         "data",
         "recorded_at",
         "actor",
+        "stream",
+        "workspace_id",
     }
     assert first["deploy"]["id"] == deploy_id and first["deploy"]["max_attempts"] == 3
     assert first["deploy"]["version"] == 1
@@ -1104,7 +1106,7 @@ async def test_stream_auth(server: Server, services: Services) -> None:
     # A revoked token is refused when connecting.
     async with services.pool.connection() as conn:
         gone = await create_token(conn, "carl", admin=True)
-        await revoke_token(conn, "carl")
+        await revoke_token(conn, max(t["id"] for t in await list_tokens(conn)))
     response = await c.get(url, params={"access_token": gone})
     assert response.status_code == 401
     assert response.json() == {"status_code": 401, "detail": "invalid token"}
@@ -1116,9 +1118,11 @@ async def test_stream_auth(server: Server, services: Services) -> None:
     response = await c.get("/events/stream", headers=server.headers("ann"))
     assert response.status_code == 403 and response.json()["status_code"] == 403
     got = await collect(
-        server, f"/events/stream?access_token={server.tokens['root']}", user=None, count=3
+        server, f"/events/stream?access_token={server.tokens['root']}", user=None, count=4
     )
-    assert [m.event for m in got] == ["Requested", "Started", "Failed"]
+    # ann's "default" was claimed by the deploy: its WorkspaceCreated, in the workspace's stream.
+    assert [m.event for m in got] == ["WorkspaceCreated", "Requested", "Started", "Failed"]
+    assert got[0].json["stream"] == "workspace" and got[0].json["deploy_id"] is None
     for garbage in ("x", "1.2", "-3"):
         response = await c.get("/events/stream", headers=server.headers("root", garbage))
         assert response.status_code == 400
@@ -1185,7 +1189,10 @@ async def test_events_stream_gap_free_ordered_and_resumable_under_concurrent_wri
         rows = await cur.fetchall()
     assert [int(m.id or 0) for m in received] == [r[0] for r in rows]  # all, once, in order
     assert [m.event for m in received] == [r[1] for r in rows]
-    assert received[0].json["deploy_id"] == before
+    # The first: the WorkspaceCreated of bob's "default" (a workspace stream: no deploy_id),
+    # then its Requested.
+    assert (received[0].event, received[0].json["deploy_id"]) == ("WorkspaceCreated", None)
+    assert received[1].json["deploy_id"] == before
     for m in received:
         assert m.json["position"] == int(m.id or 0) and m.json["type"] == m.event
     assert reconnects > 10
@@ -1264,9 +1271,15 @@ async def test_an_open_stream_ends_when_its_token_is_revoked(
         await eventually(lambda: server.hub.subscriber_count == 1, within=10, what="subscribed")
         assert not ended.is_set()
         async with services.pool.connection() as conn:
-            await conn.execute("UPDATE api_tokens SET revoked_at = now() WHERE name = 'eve'")
+            await conn.execute(
+                "UPDATE api_tokens SET revoked_at = now()"
+                " WHERE user_id = (SELECT id FROM users WHERE name = 'eve')"
+            )
         got = await asyncio.wait_for(task, 10)  # the stream ends by itself
-        assert got and got[0].event == "Requested"
+        assert got and got[0].event in ("Requested", "WorkspaceCreated")
         await eventually(lambda: server.hub.subscriber_count == 0, within=5, what="release")
         async with services.pool.connection() as conn:  # live again for the next path
-            await conn.execute("UPDATE api_tokens SET revoked_at = NULL WHERE name = 'eve'")
+            await conn.execute(
+                "UPDATE api_tokens SET revoked_at = NULL"
+                " WHERE user_id = (SELECT id FROM users WHERE name = 'eve')"
+            )

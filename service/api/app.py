@@ -10,6 +10,10 @@ Dependencies every handler may declare:
 
 The SSE routes (service.api.streams) share the process's LISTEN hub (service.notify), kept in
 ``services.extras["hub"]``: started on the first stream, closed on the app's shutdown.
+
+Every response, errors and unknown paths included, carries ``X-Content-Type-Options: nosniff``
+and, unless it sets a stricter policy of its own (the status page), ``Content-Security-Policy:
+frame-ancestors 'none'`` (``security_headers``, a hook on the ASGI send).
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin, YamlRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, Tag
-from litestar.types import ControllerRouterHandler
+from litestar.types import ControllerRouterHandler, Message, Scope
 
 from service.api.auth import SECURITY_SCHEMES, current_principal
 from service.api.deploys import DeployController
 from service.api.errors import EXCEPTION_HANDLERS, refuse_repeated_query_parameters
 from service.api.events import EventController
 from service.api.health import HealthController
+from service.api.members import MemberController
 from service.api.streams import STREAM_ROUTES, StreamOptions
 from service.api.web import WebController
 from service.api.workspaces import WorkspaceController
@@ -39,6 +44,22 @@ from service.validation import body_limit, warm_up
 
 API_VERSION = "1"
 
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+_FRAME_ANCESTORS = (b"content-security-policy", b"frame-ancestors 'none'")
+
+
+async def security_headers(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: the headers every response carries (a response that sets its own
+    Content-Security-Policy, like the status page's stricter one, keeps it)."""
+    if message["type"] != "http.response.start":
+        return
+    headers = list(message.get("headers") or [])
+    names = {bytes(name).lower() for name, _ in headers}
+    for name, value in (_NOSNIFF, _FRAME_ANCESTORS):
+        if name not in names:
+            headers.append((name, value))
+    message["headers"] = headers
+
 
 def openapi_config() -> OpenAPIConfig:
     return OpenAPIConfig(
@@ -46,18 +67,24 @@ def openapi_config() -> OpenAPIConfig:
         version=API_VERSION,
         description=(
             "Terraform deploys over HTTP: queued, retried, event-sourced. Authenticate with "
-            "`Authorization: Bearer <token>` (or `?access_token=` for EventSource). Errors are "
-            '`{"status_code", "detail"}`.'
+            "`Authorization: Bearer <token>` (or `?access_token=` on the two stream routes, for "
+            'EventSource). Errors are `{"status_code", "detail"}`. A workspace is named by '
+            "`name` (your own) or `owner:name` (another user's, for its members and admins)."
         ),
         path="/schema",
         components=Components(security_schemes=SECURITY_SCHEMES),
         tags=[
             Tag(name="deploys", description="Request, follow, cancel and replay deploys."),
-            Tag(name="workspaces", description="Persisted tfstate versions."),
+            Tag(
+                name="workspaces",
+                description="Your workspaces, their members, tfstate versions, outputs and resources.",
+            ),
             Tag(name="events", description="The audit query over every event."),
-            Tag(name="operations", description="Health and metrics (no token needed)."),
+            Tag(name="operations", description="Health (no token needed) and metrics (admin)."),
         ],
-        render_plugins=[ScalarRenderPlugin(), JsonRenderPlugin(), YamlRenderPlugin()],
+        # The document only, as JSON and YAML: no renderer loading third-party scripts into
+        # this origin, where the status page keeps the user's token.
+        render_plugins=[JsonRenderPlugin(), YamlRenderPlugin()],
     )
 
 
@@ -87,6 +114,7 @@ def create_app(
         route_handlers=[
             DeployController,
             WorkspaceController,
+            MemberController,
             EventController,
             HealthController,
             *STREAM_ROUTES,
@@ -100,6 +128,7 @@ def create_app(
         },
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=refuse_repeated_query_parameters,
+        before_send=[security_headers],
         openapi_config=openapi_config(),
         # The deploy handler enforces the same limit itself, with its own message; this one
         # guards every other route.

@@ -1,14 +1,14 @@
-"""Who is asking: the ``principal`` dependency, from ``Authorization: Bearer <token>`` or, for
-EventSource (which cannot set headers), ``?access_token=<token>``.
+"""Who is asking: the ``principal`` dependency, from ``Authorization: Bearer <token>`` or, on
+the two stream routes only (EventSource cannot set headers), ``?access_token=<token>``. A token
+in the query string ends up in access logs and browser history, so no other route takes one.
 
 A route that declares a ``principal: Principal`` parameter is authenticated; one that does not
-(``/health``, ``/metrics``, ``/schema``) is open.
+(``/health``, ``/schema``) is open. What the principal may do is ``service.api.access``'s.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from uuid import UUID
 
 from litestar import Request
 from litestar.openapi.spec import Reference, SecurityRequirement, SecurityScheme
@@ -16,8 +16,6 @@ from litestar.openapi.spec import Reference, SecurityRequirement, SecurityScheme
 from service.api.errors import PermissionDenied, Unauthorized
 from service.auth import Principal, authenticate
 from service.db import autocommit
-from service.deploys import NotFound
-from service.projection import DeployView
 from service.services import Services
 
 BEARER_SCHEME = "BearerToken"
@@ -38,17 +36,23 @@ SECURITY_SCHEMES: dict[str, SecurityScheme | Reference] = {
     ),
 }
 
-# Either scheme will do.
-SECURITY: list[SecurityRequirement] = [{BEARER_SCHEME: []}, {QUERY_SCHEME: []}]
+SECURITY: list[SecurityRequirement] = [{BEARER_SCHEME: []}]
+# The stream routes: either scheme will do.
+STREAM_SECURITY: list[SecurityRequirement] = [{BEARER_SCHEME: []}, {QUERY_SCHEME: []}]
+# A route handler's ``opt`` key that lets it take ``?access_token=``.
+QUERY_TOKEN_OPT = "query_token"
 
 
 def token_of(request: Request[Any, Any, Any]) -> str | None:
-    """The token the request carries, header first; "" for a malformed Authorization header."""
+    """The token the request carries, header first; "" for a malformed Authorization header.
+    ``?access_token=`` counts only on routes that allow it (the two streams)."""
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, token = header.strip().partition(" ")
         return token.strip() if scheme.lower() == "bearer" else ""
-    return request.query_params.get("access_token")
+    if request.route_handler.opt.get(QUERY_TOKEN_OPT):
+        return request.query_params.get("access_token")
+    return None
 
 
 async def current_principal(request: Request[Any, Any, Any], services: Services) -> Principal:
@@ -70,19 +74,3 @@ def require_admin(principal: Principal, what: str = "this") -> None:
     if not principal.admin:
         raise PermissionDenied(f"only an admin may do {what}")
 
-
-def can_see(principal: Principal, deploy: DeployView) -> bool:
-    return principal.admin or deploy.owner == principal.name
-
-
-async def visible_deploy(services: Services, principal: Principal, deploy_id: str) -> DeployView:
-    """The deploy ``deploy_id`` names, if ``principal`` may see it; else NotFound (a malformed id,
-    an unknown one and another user's all look the same: 404)."""
-    try:
-        uid = UUID(deploy_id)
-    except ValueError:
-        raise NotFound("deploy not found") from None
-    deploy = await services.deploys.get(uid)
-    if deploy is None or not can_see(principal, deploy):
-        raise NotFound("deploy not found")
-    return deploy

@@ -1,7 +1,9 @@
 """The deploys resource: request, read, list, follow the events and logs, cancel, replay.
 
-Every id-taking route resolves the deploy through ``visible_deploy``: a malformed id, an unknown
-id and another user's deploy are all 404.
+Every id-taking route resolves the deploy through ``service.api.access``: a malformed id, an
+unknown id and a deploy the caller may not see are all 404. A deploy names its workspace by a ref
+(``name``: the requester's own, claimed on first use; ``owner:name``: another user's, for its
+``deploy`` members and admins).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from litestar.openapi.spec import (
 from litestar.params import Parameter
 
 from service import store
-from service.api.auth import SECURITY, require_admin, visible_deploy
+from service.api import access
+from service.api.auth import SECURITY, require_admin
 from service.api.errors import (
     Malformed,
     TooLarge,
@@ -123,7 +126,12 @@ DEPLOY_REQUEST_SCHEMA = Schema(
             "`.tf.json`, `.tfvars`, `.tfvars.json` or `.json`, and the lock file "
             "`.terraform.lock.hcl` at the top level; no `backend` or `cloud` block."
         ),
-        "workspace": Schema(type=OpenAPIType.STRING, default="default"),
+        "workspace": Schema(
+            type=OpenAPIType.STRING,
+            default="default",
+            description="Your own workspace's name (made on first use), or `owner:name` for "
+            "another user's workspace you may deploy to.",
+        ),
         "variables": _string_map("Terraform variables (`-var`), not secret."),
         "secrets": _string_map(
             "Secret variables: reach terraform only as `TF_VAR_<name>`, never stored in clear."
@@ -161,7 +169,7 @@ class DeployController(Controller):
         status_code=202,
         summary="Request a deploy",
         operation_class=DeployRequestOperation,
-        responses=error_responses(400, 413, 415, 422),
+        responses=error_responses(400, 403, 404, 413, 415, 422),
         description=(
             "Queues a deploy and answers 202 with it. With an `Idempotency-Key`, the same key "
             "and the same request return the same deploy (header `Idempotent-Replayed: true`); "
@@ -201,15 +209,20 @@ class DeployController(Controller):
             secrets=dict(parsed.secrets),
             max_attempts=parsed.max_attempts or settings.max_attempts,
         )
+        target = await access.deploy_target(services, principal, parsed.workspace)
         view, created = await services.deploys.request(
-            new, owner=principal.name, actor=principal.actor, idempotency_key=idempotency_key
+            new,
+            owner=principal.name,
+            actor=principal.actor,
+            idempotency_key=idempotency_key,
+            workspace=target,
         )
         headers = {"Location": f"/deploys/{view.id}"}
         if not created:
             headers["Idempotent-Replayed"] = "true"
         return Response(DeployOut.of(view), status_code=202, headers=headers)
 
-    @get("/", summary="List deploys, newest first", responses=error_responses(400, 422))
+    @get("/", summary="List deploys, newest first", responses=error_responses(400, 404, 422))
     async def list_deploys(
         self,
         services: Services,
@@ -219,10 +232,10 @@ class DeployController(Controller):
             description="One of " + ", ".join(STATUSES) + ".",
             schema_extra={"enum": list(STATUSES)},
         ),
-        workspace: str | None = Parameter(required=False),
-        owner: str | None = Parameter(
-            required=False, description="Admins: only this user's deploys."
+        workspace: str | None = Parameter(
+            required=False, description="A workspace you may see: `name` or `owner:name`."
         ),
+        owner: str | None = Parameter(required=False, description="Only deploys this user requested."),
         limit: int = Parameter(
             default=LIST_LIMIT_DEFAULT,
             description=f"1-{LIST_LIMIT_MAX}.",
@@ -238,16 +251,16 @@ class DeployController(Controller):
         check_text("workspace", workspace)
         check_text("owner", owner)
         after = decode_cursor(cursor) if cursor else None
-        if not principal.admin:
-            if owner is not None and owner != principal.name:
-                return DeployPage(items=[], next=None)
-            owner = principal.name
+        workspace_id = None
+        if workspace:
+            workspace_id = (await access.workspace(services, principal, workspace)).workspace.id
         async with services.pool.connection() as conn:
             views = await store.list_deploys(
                 conn,
-                owner=owner,
+                owner=owner or None,
                 status=status,
-                workspace=workspace,
+                workspace_id=workspace_id,
+                viewer=None if principal.admin else principal.name,
                 cursor=after,
                 limit=limit + 1,
             )
@@ -263,7 +276,7 @@ class DeployController(Controller):
         principal: Principal,
         deploy_id: str = DEPLOY_ID,
     ) -> DeployOut:
-        return DeployOut.of(await visible_deploy(services, principal, deploy_id))
+        return DeployOut.of(await access.visible_deploy(services, principal, deploy_id))
 
     @get(
         "/{deploy_id:str}/events",
@@ -279,7 +292,7 @@ class DeployController(Controller):
             default=0, description="Only events with a version above this.", ge=0
         ),
     ) -> EventList:
-        deploy = await visible_deploy(services, principal, deploy_id)
+        deploy = await access.visible_deploy(services, principal, deploy_id)
         async with services.pool.connection() as conn:
             events = await store.read_stream(conn, deploy.id, after_version=after)
         return EventList(items=[EventOut.of(e) for e in events])
@@ -299,10 +312,13 @@ class DeployController(Controller):
             default=0, description="Only lines after this sequence number.", ge=0
         ),
     ) -> Response[str]:
-        deploy = await visible_deploy(services, principal, deploy_id)
+        deploy = await access.visible_deploy(services, principal, deploy_id)
         async with services.pool.connection() as conn:
             lines = await read_logs(conn, deploy.id, after_seq=after_seq)
-        headers = {"X-Last-Seq": str(lines[-1].seq if lines else after_seq)}
+        headers = {
+            "X-Last-Seq": str(lines[-1].seq if lines else after_seq),
+            "Cache-Control": "no-store",
+        }
         return Response(
             "\n".join(line.line for line in lines), media_type=MediaType.TEXT, headers=headers
         )
@@ -310,8 +326,8 @@ class DeployController(Controller):
     @post(
         "/{deploy_id:str}/cancel",
         status_code=202,
-        summary="Cancel a deploy (owner or admin)",
-        responses=error_responses(404, 409),
+        summary="Cancel a deploy (who may deploy to its workspace, its requester, or an admin)",
+        responses=error_responses(403, 404, 409),
     )
     async def cancel(
         self,
@@ -319,7 +335,7 @@ class DeployController(Controller):
         principal: Principal,
         deploy_id: str = DEPLOY_ID,
     ) -> DeployOut:
-        deploy = await visible_deploy(services, principal, deploy_id)
+        deploy = await access.cancellable_deploy(services, principal, deploy_id)
         _, view = await services.deploys.execute(
             deploy.id, Cancel(by=principal.actor), principal.actor
         )
@@ -337,7 +353,7 @@ class DeployController(Controller):
         principal: Principal,
         deploy_id: str = DEPLOY_ID,
     ) -> DeployOut:
-        deploy = await visible_deploy(services, principal, deploy_id)
+        deploy = await access.visible_deploy(services, principal, deploy_id)
         require_admin(principal, "a replay")
         _, view = await services.deploys.execute(
             deploy.id,

@@ -23,6 +23,7 @@ from service.lifecycle import IllegalTransition
 from service.statestores.base import StateStoreError
 from service.store import VersionConflict
 from service.validation import InvalidRequest
+from service.workspaces import WorkspaceNotFound
 
 log = logging.getLogger("tfdeploy.api")
 
@@ -120,6 +121,10 @@ def _not_found(_: Request[Any, Any, Any], exc: NotFound) -> Response[Any]:
     return error_response(404, message if " " in message else "deploy not found")
 
 
+def _workspace_not_found(_: Request[Any, Any, Any], exc: WorkspaceNotFound) -> Response[Any]:
+    return error_response(404, str(exc) or "workspace not found")
+
+
 def _illegal(_: Request[Any, Any, Any], exc: IllegalTransition) -> Response[Any]:
     return error_response(409, str(exc))
 
@@ -175,6 +180,7 @@ EXCEPTION_HANDLERS: MutableMapping[
 ] = {
     ApiError: _api_error,
     NotFound: _not_found,
+    WorkspaceNotFound: _workspace_not_found,
     IllegalTransition: _illegal,
     VersionConflict: _conflict,
     IdempotencyMismatch: _idempotency,

@@ -1,7 +1,11 @@
 """The audit query over the event table: ``GET /events``.
 
-Users see the events of their own deploys; an admin sees all. Pages are keyset on the global
-``position``: ``next`` is the ``after`` of the following page, null on the last one.
+A user sees the events of the deploys they may see (their own, and those of the workspaces they
+own or are a member of) and the streams of the workspaces they own; an admin sees all
+(service.api.access). ``?workspace=`` (a ref the caller may read, else 404) narrows to one
+workspace: its deploys' events, and its own stream's for its owner and admins. Pages are keyset
+on the global ``position``: ``next`` is the ``after`` of the following page, null on the last
+one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from litestar.openapi.spec import OpenAPIFormat, OpenAPIType, Schema
 from litestar.params import Parameter
 
 from service import store
+from service.api import access
 from service.api.auth import SECURITY
 from service.api.errors import Malformed, check_limit, check_text
 from service.api.schemas import EventOut, EventPage, error_responses
@@ -90,7 +95,7 @@ class EventController(Controller):
     @get(
         "/",
         summary="Audit query over all events, in position order",
-        responses=error_responses(400, 422),
+        responses=error_responses(400, 404, 422),
     )
     async def audit(
         self,
@@ -101,7 +106,9 @@ class EventController(Controller):
             description="A deploy's id.",
             schema_extra=_or_empty(OpenAPIFormat.UUID),
         ),
-        workspace: str | None = Parameter(required=False),
+        workspace: str | None = Parameter(
+            required=False, description="A workspace you may see: `name` or `owner:name`."
+        ),
         type_: str | None = Parameter(query="type", required=False, description="Event type."),
         actor: str | None = Parameter(
             required=False, description="E.g. `user:ann`, `admin:root`, `worker:<id>`."
@@ -133,16 +140,21 @@ class EventController(Controller):
             except ValueError:
                 raise Malformed("deploy_id must be a UUID") from None
         since_at, until_at = parse_instant("since", since), parse_instant("until", until)
+        workspace_id, workspace_stream = None, False
+        if workspace:
+            found = await access.workspace(services, principal, workspace)
+            workspace_id, workspace_stream = found.workspace.id, access.may_manage(found.standing)
         async with services.pool.connection() as conn:
             events = await audit_page(
                 conn,
                 after=after,
                 limit=limit + 1,
                 deploy_id=deploy_id or None,
-                workspace=workspace or None,
+                workspace_id=workspace_id,
+                workspace_stream=workspace_stream,
                 type=type_ or None,
                 actor=actor or None,
-                owner=None if principal.admin else principal.name,
+                viewer=None if principal.admin else principal.name,
                 since=since_at,
                 until=until_at,
             )

@@ -1,4 +1,5 @@
-"""Open endpoints for operators: ``GET /health`` and ``GET /metrics`` (no token needed)."""
+"""Endpoints for operators: ``GET /health`` (open) and ``GET /metrics`` (an admin token, unless
+``TFDEPLOY_METRICS_PUBLIC=true``: the figures tell who runs how much)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any
 
 import msgspec
 import psycopg
-from litestar import Controller, Response, get
+from litestar import Controller, Request, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 from psycopg_pool import PoolTimeout
 
-from service.api.schemas import HealthOut
+from service.api.auth import SECURITY, current_principal, require_admin
+from service.api.schemas import HealthOut, error_responses
 from service.lifecycle import STATUSES
 from service.queue import QUEUE_NAME
 from service.services import Services
@@ -223,11 +225,18 @@ class HealthController(Controller):
 
     @get(
         "/metrics",
-        summary="Prometheus metrics",
+        summary="Prometheus metrics (admin)",
         media_type=METRICS_MEDIA_TYPE,
-        description="Prometheus text format; docs/operations.md lists them with suggested alerts.",
+        security=SECURITY,
+        responses=error_responses(403),
+        description=(
+            "Prometheus text format; docs/operations.md lists them with suggested alerts. Needs "
+            "an admin token unless TFDEPLOY_METRICS_PUBLIC=true."
+        ),
     )
-    async def metrics(self, services: Services) -> Response[str]:
+    async def metrics(self, request: Request[Any, Any, Any], services: Services) -> Response[str]:
+        if not services.settings.metrics_public:
+            require_admin(await current_principal(request, services), "/metrics")
         lines: list[str] = []
         figures: DatabaseFigures | None = None
         try:

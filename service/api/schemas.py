@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import msgspec
@@ -18,6 +18,7 @@ from litestar.openapi.spec import Example
 from service.api.errors import Malformed
 from service.projection import DeployView, StoredEvent
 from service.statestores.index import StateVersion
+from service.workspaces import Workspace
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -79,6 +80,9 @@ class DeployOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     version: int
     cancel_requested: bool
     state_version: int | None
+    # The workspace's owner and id (``workspace`` is its name; the ref is "owner:name").
+    workspace_owner: str = ""
+    workspace_id: str = ""
 
     @classmethod
     def of(cls, view: DeployView) -> DeployOut:
@@ -91,17 +95,34 @@ class DeployPage(msgspec.Struct, frozen=True):
 
 
 class EventOut(msgspec.Struct, frozen=True, kw_only=True):
+    """An event. ``stream`` is "deploy" (``deploy_id`` is its deploy) or "workspace" (a fact of
+    the workspace itself: ``deploy_id`` is null); ``workspace_id`` is the workspace's id either
+    way (null for a deploy whose workspace is unknown)."""
+
     position: int
-    deploy_id: str
+    deploy_id: str | None
     version: int
     type: str
     data: dict[str, Any]
     recorded_at: datetime
     actor: str
+    stream: str
+    workspace_id: str | None
 
     @classmethod
     def of(cls, event: StoredEvent) -> EventOut:
-        return msgspec.convert(event, cls, from_attributes=True)
+        workspace = event.stream == "workspace"
+        return cls(
+            position=event.position,
+            deploy_id=None if workspace else event.deploy_id,
+            version=event.version,
+            type=event.type,
+            data=event.data,
+            recorded_at=event.recorded_at,
+            actor=event.actor,
+            stream=event.stream,
+            workspace_id=event.workspace_id or None,
+        )
 
 
 class EventList(msgspec.Struct, frozen=True):
@@ -118,7 +139,9 @@ class EventPage(msgspec.Struct, frozen=True):
 
 
 class StateVersionOut(msgspec.Struct, frozen=True, kw_only=True):
-    workspace: str
+    workspace: str  # its name
+    workspace_owner: str
+    workspace_id: str
     version: int
     deploy_id: str
     attempt: int
@@ -130,8 +153,21 @@ class StateVersionOut(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
 
     @classmethod
-    def of(cls, v: StateVersion) -> StateVersionOut:
-        return msgspec.convert(v, cls, from_attributes=True)
+    def of(cls, v: StateVersion, workspace: Workspace) -> StateVersionOut:
+        return cls(
+            workspace=workspace.name,
+            workspace_owner=workspace.owner,
+            workspace_id=workspace.id,
+            version=v.version,
+            deploy_id=v.deploy_id,
+            attempt=v.attempt,
+            store=v.store,
+            serial=v.serial,
+            lineage=v.lineage,
+            sha256=v.sha256,
+            size=v.size,
+            created_at=v.created_at,
+        )
 
 
 class StateVersionPage(msgspec.Struct, frozen=True):
@@ -139,6 +175,83 @@ class StateVersionPage(msgspec.Struct, frozen=True):
 
     items: list[StateVersionOut]
     next: int | None
+
+
+class LatestDeploy(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    action: str
+    status: str
+    owner: str  # who requested it
+    created_at: datetime
+
+
+class LatestState(msgspec.Struct, frozen=True, kw_only=True):
+    version: int
+    serial: int
+    created_at: datetime
+
+
+class WorkspaceOut(msgspec.Struct, frozen=True, kw_only=True):
+    """A workspace the caller may see. ``ref`` names it in every route (``owner:name``; the
+    owner may also use ``name``); ``role``: the caller's standing in it (owner, admin, deploy,
+    read)."""
+
+    id: str
+    owner: str
+    name: str
+    ref: str
+    role: str
+    created_at: datetime
+    latest_deploy: LatestDeploy | None
+    latest_state: LatestState | None
+
+
+class WorkspacePage(msgspec.Struct, frozen=True):
+    """Workspaces by (owner, name); ``next`` is the ``after`` of the next page (a ref)."""
+
+    items: list[WorkspaceOut]
+    next: str | None
+
+
+class MemberIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    role: Literal["read", "deploy"]
+
+
+class MemberOut(msgspec.Struct, frozen=True, kw_only=True):
+    user: str
+    role: str
+    updated_at: datetime
+
+
+class MemberList(msgspec.Struct, frozen=True, kw_only=True):
+    """A workspace's members (its owner is not one: they hold every right already)."""
+
+    workspace: str  # the ref
+    owner: str
+    items: list[MemberOut]
+
+
+class OutputOut(msgspec.Struct, frozen=True, kw_only=True):
+    value: Any  # null when sensitive
+    type: Any  # terraform's type expression, as in the state ("string", ["list", "string"], ...)
+    sensitive: bool
+
+
+class OutputsOut(msgspec.Struct, frozen=True, kw_only=True):
+    outputs: dict[str, OutputOut]
+
+
+class ResourceOut(msgspec.Struct, frozen=True, kw_only=True):
+    address: str
+    type: str
+    name: str
+    provider: str
+    mode: str  # "managed" | "data"
+    module: str | None  # the module path ("module.net"), null for the root module
+
+
+class ResourceList(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[ResourceOut]
 
 
 class HealthOut(msgspec.Struct, frozen=True, kw_only=True):

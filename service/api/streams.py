@@ -1,7 +1,8 @@
 """Live status over Server-Sent Events (sse-starlette, served from Litestar).
 
-- ``GET /deploys/{id}/stream`` (owner or admin): the deploy's events, each with the deploy's
-  status after it, and terraform's output as ``event: log``, merged in one order;
+- ``GET /deploys/{id}/stream`` (whoever may see the deploy: service.api.access): the deploy's
+  events, each with the deploy's status after it, and terraform's output as ``event: log``,
+  merged in one order;
 - ``GET /events/stream`` (admin): every event of every deploy in global ``position`` order.
 
 Both replay what the client has not seen yet (``Last-Event-ID`` header, or ``?last_event_id=`` for
@@ -54,7 +55,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
 from service import store
-from service.api.auth import SECURITY, require_admin, token_of, visible_deploy
+from service.api import access
+from service.api.auth import QUERY_TOKEN_OPT, STREAM_SECURITY, require_admin, token_of
 from service.api.errors import Malformed
 from service.api.schemas import DeployOut, EventOut, error_responses
 from service.auth import Principal, authenticate
@@ -585,6 +587,38 @@ def _token_check(
     return valid
 
 
+def _access_check(
+    services: Services,
+    principal: Principal,
+    deploy: DeployView,
+    options: StreamOptions,
+    token_valid: Callable[[], Awaitable[bool]],
+) -> Callable[[], Awaitable[bool]]:
+    """``token_valid``, and, for a caller who sees the deploy only as a member of its workspace,
+    whether they still are (every ``auth_recheck`` seconds): a member removed from the
+    workspace loses its streams at once. Its requester, its workspace's owner and admins lose
+    access only with their token."""
+    if principal.admin or principal.name in (deploy.owner, deploy.workspace_owner):
+        return token_valid
+    loop = asyncio.get_running_loop()
+    checked_at = loop.time()  # access was just checked
+
+    async def valid() -> bool:
+        nonlocal checked_at
+        if not await token_valid():
+            return False
+        if loop.time() - checked_at < options.auth_recheck:
+            return True
+        try:
+            ok = await access.still_sees_deploy(services, principal, deploy)
+        except DATABASE_AWAY:  # keep the stream; the check runs again
+            return True
+        checked_at = loop.time()
+        return ok
+
+    return valid
+
+
 def _options(request: Request[Any, Any, Any]) -> StreamOptions:
     options = request.app.state.get("stream_options")
     return options if isinstance(options, StreamOptions) else StreamOptions()
@@ -612,7 +646,8 @@ LAST_EVENT_ID_HEADER = Parameter(
     "/deploys/{deploy_id:str}/stream",
     summary="Follow a deploy live (SSE)",
     tags=["deploys"],
-    security=SECURITY,
+    security=STREAM_SECURITY,
+    opt={QUERY_TOKEN_OPT: True},
     media_type="text/event-stream",
     responses=error_responses(400, 404),
     description=(
@@ -634,12 +669,14 @@ async def deploy_stream(
     ),
 ) -> ASGIApp:
     cursor = parse_deploy_cursor(last_event_id(request, last_event_id_query))
-    deploy = await visible_deploy(services, principal, deploy_id)
+    deploy = await access.visible_deploy(services, principal, deploy_id)
     if cursor.version > deploy.version:
         # Not an id this stream sent (versions only grow): another stream's, or made up.
         raise Malformed(f"Last-Event-ID is beyond this deploy's last event ({deploy.version})")
     options = _options(request)
-    valid = _token_check(services, request, options)
+    valid = _access_check(
+        services, principal, deploy, options, _token_check(services, request, options)
+    )
     return _response(
         deploy_messages(services, hub_of(services), deploy.id, cursor, options, valid), options
     )
@@ -649,12 +686,13 @@ async def deploy_stream(
     "/events/stream",
     summary="Every event live, in position order (SSE, admin)",
     tags=["events"],
-    security=SECURITY,
+    security=STREAM_SECURITY,
+    opt={QUERY_TOKEN_OPT: True},
     media_type="text/event-stream",
     responses=error_responses(400, 403),
     description=(
-        "Server-Sent Events: every event of every deploy, `id:` its global position, `event:` "
-        "its type, `data:` the event. Gap-free and ordered; resumes after `Last-Event-ID` or "
+        "Server-Sent Events: every event of every deploy and workspace, `id:` its global "
+        "position, `event:` its type, `data:` the event. Gap-free and ordered; resumes after `Last-Event-ID` or "
         "`?last_event_id=` (a position)."
     ),
 )

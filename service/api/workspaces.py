@@ -1,30 +1,53 @@
-"""The workspaces resource: the persisted tfstate versions of a workspace.
+"""The workspaces resource: the workspaces a caller may see, and a workspace's persisted tfstate
+versions, outputs and resources.
 
-A workspace is visible to a user who owns at least one deploy in it; an admin sees all. An
-invisible workspace and one without state look the same: 404.
+A workspace is named by a ref: ``name`` (the caller's own) or ``owner:name``. Who may read it is
+``service.api.access``'s rule; one the caller may not see, and one that does not exist, are the
+same 404. Every read of a tfstate (the latest, or a version) is recorded as ``StateDownloaded``
+in the workspace's stream. State, versions, outputs and resources are answered with
+``Cache-Control: no-store``: they hold infrastructure details no cache should keep.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 from litestar import Controller, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
-from service import store
+from service.api import access
 from service.api.auth import SECURITY
-from service.api.errors import check_limit
-from service.api.schemas import StateVersionOut, StateVersionPage, error_responses
+from service.api.errors import Malformed, check_limit, check_text
+from service.api.schemas import (
+    LatestDeploy,
+    LatestState,
+    OutputOut,
+    OutputsOut,
+    ResourceList,
+    ResourceOut,
+    StateVersionOut,
+    StateVersionPage,
+    WorkspaceOut,
+    WorkspacePage,
+    error_responses,
+)
 from service.auth import Principal
+from service.db import autocommit
 from service.deploys import NotFound
 from service.services import Services
 from service.statestores import index
-from service.validation import WORKSPACE_NAME
+from service.validation import WORKSPACE_NAME, WORKSPACE_REF
+from service.workspaces import Workspace, list_visible, record_download
 
 STATES_LIMIT_MAX = 200
+WORKSPACES_LIMIT_MAX = 200
 VERSION_MAX = 2**31 - 1  # state_versions.version is an integer
 STATE_MEDIA_TYPE = "application/json"
+NO_STORE = {"Cache-Control": "no-store"}
+REF = Parameter(description="The workspace: `name` (your own) or `owner:name`.")
 
 
 def _state_responses() -> dict[int, ResponseSpec]:
@@ -40,18 +63,6 @@ def _state_responses() -> dict[int, ResponseSpec]:
     }
 
 
-async def _check_visible(conn: Any, principal: Principal, name: str) -> None:
-    """NotFound unless ``principal`` may see workspace ``name``. A name no deploy may carry
-    (service.validation.WORKSPACE_NAME) names no workspace: 404 at once, without a query."""
-    if WORKSPACE_NAME.match(name) is None:
-        raise NotFound("workspace not found")
-    if principal.admin:
-        return
-    mine = await store.list_deploys(conn, owner=principal.name, workspace=name, limit=1)
-    if not mine:
-        raise NotFound("workspace not found")
-
-
 def _state_response(version: index.StateVersion, content: bytes) -> Response[bytes]:
     return Response(
         content,
@@ -60,18 +71,188 @@ def _state_response(version: index.StateVersion, content: bytes) -> Response[byt
             "ETag": f'"{version.sha256}"',
             "X-State-Version": str(version.version),
             "X-State-Serial": str(version.serial),
+            **NO_STORE,
         },
     )
+
+
+# ---------------------------------------------------------------- outputs and resources (pure)
+
+
+def _document(content: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(content)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise ValueError("the stored state is not a JSON object")
+    return doc
+
+
+def outputs_of(content: bytes) -> dict[str, OutputOut]:
+    """The root module's outputs of a tfstate: name -> value, type, sensitive. A sensitive
+    output's value is never given (null)."""
+    outputs = _document(content).get("outputs") or {}
+    out: dict[str, OutputOut] = {}
+    if not isinstance(outputs, dict):
+        return out
+    for name, output in sorted(outputs.items()):
+        if not isinstance(output, dict):
+            continue
+        sensitive = output.get("sensitive") is True
+        out[name] = OutputOut(
+            value=None if sensitive else output.get("value"),
+            type=output.get("type"),
+            sensitive=sensitive,
+        )
+    return out
+
+
+def _provider(raw: object) -> str:
+    """``provider["registry.terraform.io/hashicorp/null"]`` -> ``registry.terraform.io/hashicorp/null``
+    (an alias stays: ``....null.west``)."""
+    text = str(raw or "")
+    if text.startswith('provider["') and '"]' in text:
+        source, _, alias = text[len('provider["') :].partition('"]')
+        return source + alias
+    return text
+
+
+def _index(key: object) -> str:
+    """An instance key as an address writes it: ``[0]`` (count), ``["a"]`` (for_each)."""
+    if key is None:
+        return ""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"[{key}]"
+    return f"[{json.dumps(key)}]"
+
+
+def resources_of(content: bytes) -> list[ResourceOut]:
+    """One item per resource instance of a tfstate (what ``terraform state list`` lists), with
+    no attribute values."""
+    resources = _document(content).get("resources") or []
+    out: list[ResourceOut] = []
+    if not isinstance(resources, list):
+        return out
+    for r in resources:
+        if not isinstance(r, dict):
+            continue
+        module = r.get("module") or None
+        mode = str(r.get("mode") or "managed")
+        type_, name = str(r.get("type") or ""), str(r.get("name") or "")
+        base = f"{'data.' if mode == 'data' else ''}{type_}.{name}"
+        if module:
+            base = f"{module}.{base}"
+        instances = r.get("instances") or [{}]
+        if not isinstance(instances, list):
+            instances = [{}]
+        for instance in instances:
+            key = instance.get("index_key") if isinstance(instance, dict) else None
+            out.append(
+                ResourceOut(
+                    address=base + _index(key),
+                    type=type_,
+                    name=name,
+                    provider=_provider(r.get("provider")),
+                    mode=mode,
+                    module=str(module) if module else None,
+                )
+            )
+    return out
 
 
 # ``state_store`` is a service.statestores.StateStore; annotated Any because Litestar checks
 # dependency values with isinstance, which a typing.Protocol refuses.
 
 
+async def _latest_content(
+    services: Services, state_store: Any, ws: Workspace
+) -> tuple[index.StateVersion, bytes]:
+    async with services.pool.connection() as conn:
+        version = await index.latest(conn, ws.id)
+    if version is None:
+        raise NotFound("workspace has no persisted state")
+    return version, await state_store.get(ws.id, version.version, version.location)
+
+
+async def _downloaded(
+    services: Services, principal: Principal, ws: Workspace, version: index.StateVersion, latest: bool
+) -> None:
+    async with autocommit(services.pool) as conn:
+        await record_download(conn, ws.id, version.version, version.sha256, latest, principal.actor)
+
+
+def _after(after: str | None) -> tuple[str, str] | None:
+    if after is None or after == "":
+        return None
+    owner, sep, name = after.rpartition(":")
+    if not sep or WORKSPACE_REF.match(after) is None or WORKSPACE_NAME.match(name) is None:
+        raise Malformed("after must be a workspace ref owner:name (the next of the previous page)")
+    return owner, name
+
+
 class WorkspaceController(Controller):
     path = "/workspaces"
     tags = ["workspaces"]
     security = SECURITY
+
+    @get("/", summary="The workspaces you may see", responses=error_responses(400, 422))
+    async def list_workspaces(
+        self,
+        services: Services,
+        principal: Principal,
+        owner: str | None = Parameter(required=False, description="Only this user's."),
+        after: str | None = Parameter(
+            required=False, description="The `next` of the previous page (a ref `owner:name`)."
+        ),
+        limit: int = Parameter(
+            default=100,
+            description=f"1-{WORKSPACES_LIMIT_MAX}.",
+            schema_extra={"minimum": 1, "maximum": WORKSPACES_LIMIT_MAX},
+        ),
+    ) -> WorkspacePage:
+        check_limit(limit, WORKSPACES_LIMIT_MAX)
+        check_text("owner", owner)
+        start = _after(after)
+        async with services.pool.connection() as conn:
+            rows = await list_visible(
+                conn,
+                principal.name,
+                admin=principal.admin,
+                owner=owner or None,
+                after=start,
+                limit=limit + 1,
+            )
+        page = rows[:limit]
+        items = [
+            WorkspaceOut(
+                id=r["id"],
+                owner=r["owner"],
+                name=r["name"],
+                ref=f"{r['owner']}:{r['name']}",
+                role=r["role"],
+                created_at=r["created_at"],
+                latest_deploy=LatestDeploy(
+                    id=r["deploy_id"],
+                    action=r["deploy_action"],
+                    status=r["deploy_status"],
+                    owner=r["deploy_owner"],
+                    created_at=r["deploy_created_at"],
+                )
+                if r["deploy_id"]
+                else None,
+                latest_state=LatestState(
+                    version=r["state_version"],
+                    serial=r["state_serial"],
+                    created_at=r["state_created_at"],
+                )
+                if r["state_version"] is not None
+                else None,
+            )
+            for r in page
+        ]
+        more = len(rows) > limit
+        return WorkspacePage(items=items, next=items[-1].ref if more else None)
 
     @get(
         "/{name:str}/state",
@@ -80,14 +261,11 @@ class WorkspaceController(Controller):
         responses=_state_responses(),
     )
     async def latest_state(
-        self, services: Services, principal: Principal, state_store: Any, name: str
+        self, services: Services, principal: Principal, state_store: Any, name: str = REF
     ) -> Response[bytes]:
-        async with services.pool.connection() as conn:
-            await _check_visible(conn, principal, name)
-            version = await index.latest(conn, name)
-        if version is None:
-            raise NotFound("workspace has no persisted state")
-        content = await state_store.get(name, version.version, version.location)
+        ws = (await access.workspace(services, principal, name)).workspace
+        version, content = await _latest_content(services, state_store, ws)
+        await _downloaded(services, principal, ws, version, latest=True)
         return _state_response(version, content)
 
     @get(
@@ -99,7 +277,7 @@ class WorkspaceController(Controller):
         self,
         services: Services,
         principal: Principal,
-        name: str,
+        name: str = REF,
         limit: int = Parameter(
             default=50,
             description=f"1-{STATES_LIMIT_MAX}.",
@@ -108,17 +286,18 @@ class WorkspaceController(Controller):
         before: int | None = Parameter(
             required=False, description="The `next` of the previous page.", ge=1, le=VERSION_MAX
         ),
-    ) -> StateVersionPage:
+    ) -> Response[StateVersionPage]:
         check_limit(limit, STATES_LIMIT_MAX)
+        ws = (await access.workspace(services, principal, name)).workspace
         async with services.pool.connection() as conn:
-            await _check_visible(conn, principal, name)
-            versions = await index.list_versions(conn, name, limit=limit + 1, before=before)
+            versions = await index.list_versions(conn, ws.id, limit=limit + 1, before=before)
         page = versions[:limit]
         more = len(versions) > limit
-        return StateVersionPage(
-            items=[StateVersionOut.of(v) for v in page],
+        body = StateVersionPage(
+            items=[StateVersionOut.of(v, ws) for v in page],
             next=page[-1].version if more else None,
         )
+        return Response(body, headers=NO_STORE)
 
     @get(
         "/{name:str}/states/{version:int}",
@@ -131,15 +310,43 @@ class WorkspaceController(Controller):
         services: Services,
         principal: Principal,
         state_store: Any,
-        name: str,
         version: int,
+        name: str = REF,
     ) -> Response[bytes]:
+        ws = (await access.workspace(services, principal, name)).workspace
         async with services.pool.connection() as conn:
-            await _check_visible(conn, principal, name)
             found = (
-                await index.get_version(conn, name, version) if 1 <= version <= VERSION_MAX else None
+                await index.get_version(conn, ws.id, version) if 1 <= version <= VERSION_MAX else None
             )
         if found is None:
             raise NotFound("state version not found")
-        content = await state_store.get(name, found.version, found.location)
+        content = await state_store.get(ws.id, found.version, found.location)
+        await _downloaded(services, principal, ws, found, latest=False)
         return _state_response(found, content)
+
+    @get(
+        "/{name:str}/outputs",
+        summary="The outputs of the latest state (sensitive values null)",
+        responses=error_responses(400, 404),
+    )
+    async def outputs(
+        self, services: Services, principal: Principal, state_store: Any, name: str = REF
+    ) -> Response[OutputsOut]:
+        ws = (await access.workspace(services, principal, name)).workspace
+        _, content = await _latest_content(services, state_store, ws)
+        # A tfstate may be tens of MiB: parse it off the event loop.
+        outputs = await asyncio.to_thread(outputs_of, content)
+        return Response(OutputsOut(outputs=outputs), headers=NO_STORE)
+
+    @get(
+        "/{name:str}/resources",
+        summary="The resources of the latest state (no attribute values)",
+        responses=error_responses(400, 404),
+    )
+    async def resources(
+        self, services: Services, principal: Principal, state_store: Any, name: str = REF
+    ) -> Response[ResourceList]:
+        ws = (await access.workspace(services, principal, name)).workspace
+        _, content = await _latest_content(services, state_store, ws)
+        items = await asyncio.to_thread(resources_of, content)
+        return Response(ResourceList(items=items), headers=NO_STORE)
