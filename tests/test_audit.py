@@ -121,7 +121,7 @@ STORIES = (
 )
 
 
-async def populate(services: Services, seed: int = 5) -> list[str]:
+async def populate(services: Services, owner_url: str, seed: int = 5) -> list[str]:
     """~50 deploys of ann, bob and cat in workspaces of different sizes (ann's "big" has many),
     a few members (MEMBERS), and cat deploying to ann:big as a member."""
     rng = random.Random(seed)
@@ -155,8 +155,9 @@ async def populate(services: Services, seed: int = 5) -> list[str]:
         deploy_id = await request(services, owner, workspace)
         await drive(services, deploy_id, STORIES[i % len(STORIES)], f"w{i % 3 + 1}")
         ids.append(deploy_id)
-    async with services.pool.connection() as conn:
-        await conn.execute("ANALYZE deploys")  # a settled reltuples: the cut-off stays put
+    # A settled reltuples, so the cut-off stays put (only the table's owner may ANALYZE it).
+    async with await psycopg.AsyncConnection.connect(owner_url, autocommit=True) as conn:
+        await conn.execute("ANALYZE deploys")
     return ids
 
 
@@ -287,9 +288,9 @@ async def cutoff(services: Services, limit: int) -> float:
 
 
 async def test_every_filter_combination_over_http_matches_brute_force(
-    services: Services, tokens: dict[str, str], client: httpx.AsyncClient
+    services: Services, tokens: dict[str, str], client: httpx.AsyncClient, owner_database_url: str
 ) -> None:
-    ids = await populate(services)
+    ids = await populate(services, owner_database_url)
     world = await everything(services)
     events = world.events
     assert len(events) > 150
@@ -416,12 +417,12 @@ async def test_event_fields_and_bad_parameters(
 
 
 async def test_pagination_stays_exact_while_events_are_appended(
-    services: Services, tokens: dict[str, str], client: httpx.AsyncClient
+    services: Services, tokens: dict[str, str], client: httpx.AsyncClient, owner_database_url: str
 ) -> None:
     """Readers page through filtered views while writers append; following ``next`` (and, once
     the writers stop, reading on from the last position) sees every matching event exactly once,
     in position order -- the ones that existed before, and the ones appended meanwhile."""
-    await populate(services, seed=9)
+    await populate(services, owner_database_url, seed=9)
     finished = asyncio.Event()
 
     async def writer(i: int) -> None:
@@ -674,10 +675,12 @@ async def test_every_sql_block_of_docs_audit_md_runs(
                     await conn.execute(statement)
 
 
-async def test_audit_page_is_planned_for_its_own_values(services: Services) -> None:
+async def test_audit_page_is_planned_for_its_own_values(
+    services: Services, owner_database_url: str
+) -> None:
     """The API runs the audit query with a plan per page, even on a connection that has run it
     often enough for psycopg to prepare it (docs/audit.md)."""
-    await populate(services, seed=3)
+    await populate(services, owner_database_url, seed=3)
     async with services.pool.connection() as conn:
         for i in range(12):
             await audit_page(conn, after=0, limit=5, type="Failed" if i % 2 else None)

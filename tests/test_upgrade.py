@@ -35,8 +35,9 @@ from test_execution import ONE_RESOURCE, harness
 
 from service import store
 from service.api.app import create_app
-from service.embedded import EmbeddedPostgres
-from service.migrate import migrate
+from service.embedded import OWNER_ROLE, SERVICE_ROLE, EmbeddedPostgres, give_to_owner
+from service.migrate import migrate, seal_plaintext
+from service.secrets import KeyRing, load_or_create_key
 from service.services import open_services
 from service.settings import from_env
 
@@ -143,17 +144,14 @@ class OldData(msgspec.Struct, kw_only=True):
 
 @dataclass
 class Upgraded:
-    url: str
+    url: str  # the service role's
+    owner_url: str  # the schema owner's (migrations, DDL)
     data_dir: str
     old: OldData
 
 
-def _base(pg: EmbeddedPostgres) -> str:
-    return pg.url.rsplit("/", 1)[0]
-
-
 def _admin(pg: EmbeddedPostgres) -> psycopg.Connection[Any]:
-    return psycopg.connect(f"{_base(pg)}/postgres", autocommit=True)
+    return psycopg.connect(pg.superuser_url(), autocommit=True)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +179,8 @@ def old_database(
     }
     env |= {"PYTHONPATH": str(code), "CHECKPOINT_DISABLE": "1"}
     made = subprocess.run(
-        [sys.executable, "-c", OLD_SCRIPT, f"{_base(pg_cluster)}/{name}", str(data_dir), str(code)],
+        # The previous version connected as the cluster's superuser (its embedded default did).
+        [sys.executable, "-c", OLD_SCRIPT, pg_cluster.superuser_url(name), str(data_dir), str(code)],
         input=ONE_RESOURCE,
         capture_output=True,
         text=True,
@@ -201,15 +200,26 @@ def old_database(
 
 @pytest.fixture
 def upgraded(pg_cluster: EmbeddedPostgres, old_database: tuple[str, str, OldData]) -> Upgraded:
-    """A copy of the previous version's database, migrated by the current code."""
+    """A copy of the previous version's database, upgraded as the current code upgrades the
+    embedded default: the database and its objects given to the owner role (what
+    ``EmbeddedPostgres`` does to a cluster of the previous version), migrated as the owner, the
+    plain-text states sealed (``tfdeploy migrate``'s data step). ``url`` is the service role's,
+    ``owner_url`` the owner's."""
     name, data_dir, old = old_database
     copy = f"upgraded_{os.getpid()}_{os.urandom(3).hex()}"
     with _admin(pg_cluster) as conn:
-        conn.execute(f"CREATE DATABASE {copy} TEMPLATE {name}")
-    url = f"{_base(pg_cluster)}/{copy}"
-    applied = migrate(url)
+        conn.execute(f"CREATE DATABASE {copy} TEMPLATE {name} OWNER {OWNER_ROLE}")
+    with psycopg.connect(pg_cluster.superuser_url(copy), autocommit=True) as conn:
+        give_to_owner(conn, OWNER_ROLE)
+        conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {copy} TO {SERVICE_ROLE}")
+    owner_url = pg_cluster.url_for(OWNER_ROLE, copy)
+    applied = migrate(owner_url)
     assert "0007_tenants.sql" in applied
-    return Upgraded(url=url, data_dir=data_dir, old=old)
+    settings = from_env({}, data_dir=data_dir)
+    seal_plaintext(owner_url, KeyRing(load_or_create_key(settings)))
+    return Upgraded(
+        url=pg_cluster.url_for(SERVICE_ROLE, copy), owner_url=owner_url, data_dir=data_dir, old=old
+    )
 
 
 @pytest.fixture
@@ -357,10 +367,10 @@ def test_state_rows_moved_to_the_workspace_id(upgraded: Upgraded) -> None:
 async def test_migration_is_idempotent_and_rebuild_equals_live(upgraded: Upgraded) -> None:
     """The read model the migration wrote for old deploys is what a rebuild folds from their
     events (Requested without a workspace_id, resolved through the migrated mapping)."""
-    assert migrate(upgraded.url) == []
+    assert migrate(upgraded.owner_url) == []
     before = rows(upgraded.url, "SELECT * FROM deploys ORDER BY id")
     assert all(r[-2] is not None for r in before)  # every deploy has its workspace
-    async with await psycopg.AsyncConnection.connect(upgraded.url) as conn, conn.transaction():
+    async with await psycopg.AsyncConnection.connect(upgraded.owner_url) as conn, conn.transaction():
         await conn.execute("UPDATE deploys SET workspace_id = NULL, workspace_owner = ''")
         assert await store.rebuild_projections(conn) == len(upgraded.old.deploys)
     assert rows(upgraded.url, "SELECT * FROM deploys ORDER BY id") == before
