@@ -21,7 +21,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from service import store, workspaces
 from service.db import autocommit
-from service.events import Cancelled, Event, Failed, Requested, Retried, Succeeded
+from service.events import (
+    Approved,
+    Cancelled,
+    Discarded,
+    Event,
+    Failed,
+    Requested,
+    Retried,
+    Succeeded,
+)
 from service.lifecycle import (
     INITIAL,
     Command,
@@ -56,6 +65,7 @@ class NewDeploy(msgspec.Struct, frozen=True, kw_only=True):
     variables: dict[str, str] = {}
     secrets: dict[str, str] = {}
     max_attempts: int
+    auto_approve: bool = True
 
 
 def _sha256(data: bytes) -> str:
@@ -63,7 +73,9 @@ def _sha256(data: bytes) -> str:
 
 
 def ends_deploy(event: Event) -> bool:
-    return isinstance(event, Succeeded | Cancelled) or (isinstance(event, Failed) and event.final)
+    return isinstance(event, Succeeded | Cancelled | Discarded) or (
+        isinstance(event, Failed) and event.final
+    )
 
 
 class Deploys:
@@ -171,6 +183,7 @@ class Deploys:
             files=files,
             variables=dict(new.variables),
             secret_names=sorted(new.secrets),
+            auto_approve=new.auto_approve,
         )
         # The workspace is the shell's fact, not a decision: the Requested event names it.
         events = [
@@ -260,27 +273,44 @@ class Deploys:
         """What the new events require, as statements for their transaction (which rolls back
         with them if the append that follows conflicts): the next run's job (on the lock of the
         workspace whose key is ``workspace_key``), and forgetting the secrets when the deploy
-        ends."""
+        ends; an approved plan's apply is queued like an attempt; a deploy that ends forgets its
+        saved plans too (they hold variable values)."""
+        holds = fold(events, before).action != "plan"  # a speculative plan holds no workspace
         out: list[tuple[str, dict[str, Any]]] = []
         for event in events:
             if isinstance(event, Requested):
-                out.append(self._defer_run(deploy_id, 1, workspace_key))
+                out.append(self._defer_run(deploy_id, 1, workspace_key, holds=holds))
             elif isinstance(event, Retried):
                 out.append(
-                    self._defer_run(deploy_id, event.attempt, workspace_key, event.delay_seconds)
+                    self._defer_run(
+                        deploy_id, event.attempt, workspace_key, event.delay_seconds, holds=holds
+                    )
                 )
+            elif isinstance(event, Approved):
+                out.append(self._defer_run(deploy_id, event.attempt, workspace_key, holds=holds))
             if ends_deploy(event):
                 out.append(("delete_secrets", {"deploy_id": deploy_id}))
+                out.append(("delete_saved_plans", {"deploy_id": deploy_id}))
         return out
 
     def _defer_run(
-        self, deploy_id: str, attempt: int, workspace: str, delay: float = 0.0
+        self,
+        deploy_id: str,
+        attempt: int,
+        workspace: str,
+        delay: float = 0.0,
+        *,
+        holds: bool = True,
     ) -> tuple[str, dict[str, Any]]:
         """procrastinate's ``run_deploy`` job (``Queue.run_job``), inserted by procrastinate's
         own SQL function (``defer_job``) so that it travels with the append. ``workspace`` is
         the workspace's key (its id)."""
         job = self.queue.run_job(
-            deploy_id=deploy_id, attempt=attempt, workspace=workspace, delay=delay
+            deploy_id=deploy_id,
+            attempt=attempt,
+            workspace=workspace,
+            delay=delay,
+            holds_workspace=holds,
         )
         return (
             "defer_job",

@@ -70,11 +70,23 @@ class Queue:
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler
 
-    def run_job(self, *, deploy_id: str, attempt: int, workspace: str, delay: float = 0.0) -> Job:
+    def run_job(
+        self,
+        *,
+        deploy_id: str,
+        attempt: int,
+        workspace: str,
+        delay: float = 0.0,
+        holds_workspace: bool = True,
+    ) -> Job:
         """The job that runs ``attempt``, as procrastinate makes it (queue, task, the workspace's
         lock, the schedule), not yet inserted: the caller inserts it in the transaction that
-        appends the events, so it commits with them or not at all (service/deploys.py)."""
-        options: dict[str, Any] = {"lock": workspace_lock(workspace)}
+        appends the events, so it commits with them or not at all (service/deploys.py).
+
+        The workspace's lock backs the claim's rule (service/dispatch.py) in the database: two
+        jobs of one workspace are never taken at once. A speculative plan does not hold its
+        workspace, so its job has no lock."""
+        options: dict[str, Any] = {"lock": workspace_lock(workspace) if holds_workspace else None}
         if delay > 0:
             options["schedule_in"] = {"seconds": delay}
         return self.run_deploy.configure(**options).make_new_job(

@@ -111,8 +111,10 @@ class DeployRequest(msgspec.Struct, forbid_unknown_fields=True):
     workspace: str = "default"
     variables: dict[str, str] = {}
     secrets: dict[str, str] = {}
-    action: Literal["apply", "destroy"] = "apply"
+    action: Literal["apply", "destroy", "plan"] = "apply"
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] | None = None
+    # False: every attempt stops after its plan until a person approves it.
+    auto_approve: bool = True
 
 
 class InvalidRequest(Exception):

@@ -136,7 +136,17 @@ DEPLOY_REQUEST_SCHEMA = Schema(
         "secrets": _string_map(
             "Secret variables: reach terraform only as `TF_VAR_<name>`, never stored in clear."
         ),
-        "action": Schema(type=OpenAPIType.STRING, enum=["apply", "destroy"], default="apply"),
+        "action": Schema(
+            type=OpenAPIType.STRING,
+            enum=["apply", "destroy", "plan"],
+            default="apply",
+            description="`plan`: a speculative plan (never changes anything, never waits).",
+        ),
+        "auto_approve": Schema(
+            type=OpenAPIType.BOOLEAN,
+            default=True,
+            description="false: each attempt stops after its plan until it is approved.",
+        ),
         "max_attempts": Schema(
             type=[OpenAPIType.INTEGER, OpenAPIType.NULL],
             minimum=1,
@@ -208,6 +218,7 @@ class DeployController(Controller):
             variables=dict(parsed.variables),
             secrets=dict(parsed.secrets),
             max_attempts=parsed.max_attempts or settings.max_attempts,
+            auto_approve=parsed.auto_approve,
         )
         target = await access.deploy_target(services, principal, parsed.workspace)
         view, created = await services.deploys.request(
