@@ -52,7 +52,9 @@ def assert_schema(url: str) -> None:
                 "SELECT tgname FROM pg_trigger WHERE tgrelid = 'events'::regclass AND NOT tgisinternal"
             )
         }
-        assert triggers == {"events_no_update_delete", "events_no_truncate", "events_notify"}
+        assert triggers == {
+            "events_no_update_delete", "events_no_truncate", "events_notify", "events_dispatch_notify"
+        }
         # every table created once: no duplicate or leftover objects from a second run
         n = conn.execute("SELECT count(*) FROM pg_class WHERE relname = 'events' AND relkind = 'r'")
         assert n.fetchone()[0] == 1
