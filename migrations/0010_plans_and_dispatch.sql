@@ -10,6 +10,8 @@ CREATE TABLE saved_plans (
     sha256             text        NOT NULL,  -- of the plaintext plan file
     size               integer     NOT NULL,
     content            bytea       NOT NULL,  -- sealed (service.secrets.KeyRing)
+    -- The .terraform.lock.hcl the plan was made with: the apply must install the same providers.
+    lock_file          text,
     base_state_version integer,
     created_at         timestamptz NOT NULL DEFAULT now()
 );
