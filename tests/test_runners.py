@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from service import settings as settings_mod
-from service.runners import RunnerError, RunRequest, make_runner
-from service.runners._common import LineSplitter
-from service.runners.docker import SECRETS_FILE, TF_DIR, DockerRunner
+from service.runners import RunnerError, RunRequest, make_runner, steps_for
+from service.runners.output import LineCutter
+from service.runners.docker import DockerRunner
+from service.runners.docker_archive import LAYOUT
 from service.runners.local import LocalRunner
 
 IMAGE = os.environ.get("TFDEPLOY_TEST_RUNNER_IMAGE", "local/terraform:1.11.4")
@@ -170,13 +171,17 @@ async def run_tf(
     files,
     *,
     action="apply",
+    steps=None,
     state=None,
+    lock_file=None,
+    saved_plan=None,
     variables=None,
     secrets=None,
     timeout=120.0,  # noqa: ASYNC109 - the RunRequest's timeout, not this call's
     cancel=None,
     on_line=None,
     deploy_id=None,
+    **limits,
 ) -> Run:
     if isinstance(files, str):
         files = {"main.tf": files}
@@ -184,12 +189,15 @@ async def run_tf(
         deploy_id=deploy_id or f"d-{secrets_token()}",
         attempt=1,
         workspace="ws",
-        action=action,
+        steps=steps if steps is not None else steps_for(action),
         files=files,
         state=state,
+        lock_file=lock_file,
+        saved_plan=saved_plan,
         variables=variables or {},
         secrets=secrets or {},
         timeout=timeout,
+        **limits,
     )
     lines: list[tuple[str, str]] = []
 
@@ -476,7 +484,7 @@ variable "token" {{
 resource "terraform_data" "t" {{
   input = sha256(var.token)
   provisioner "local-exec" {{
-    command = "test -e {SECRETS_FILE} && echo secrets-file-present || echo secrets-file-gone; echo token-length=$${{#TF_VAR_token}}"
+    command = "test -e {LAYOUT.secrets} && echo secrets-file-present || echo secrets-file-gone; echo token-length=$${{#TF_VAR_token}}"
   }}
 }}
 """
@@ -484,7 +492,7 @@ resource "terraform_data" "t" {{
         deploy_id="dep-123",
         attempt=2,
         workspace="prod",
-        action="apply",
+        steps=steps_for("apply"),
         files={"main.tf": config},
         variables={"region": "kr-1"},
         secrets={"token": secret},
@@ -496,11 +504,20 @@ resource "terraform_data" "t" {{
         assert secret not in dumped
         assert "docker.sock" not in dumped
         assert info["State"]["Status"] == "created"
-        assert info["Config"]["Labels"] == {
+        labels = info["Config"]["Labels"]
+        assert {k: v for k, v in labels.items() if k not in ("tfdeploy.steps", "tfdeploy.place")} == {
             "tfdeploy.service": service,
             "tfdeploy.deploy": "dep-123",
             "tfdeploy.attempt": "2",
+            "tfdeploy.run": "1",
             "tfdeploy.workspace": "prod",
+        }
+        assert [s["name"] for s in json.loads(labels["tfdeploy.steps"])["steps"]] == [
+            "init", "validate", "apply"
+        ]
+        # The engine keeps a bounded copy of the output: a flood cannot fill its disk.
+        assert info["HostConfig"]["LogConfig"] == {
+            "Type": "local", "Config": {"max-size": "4m", "max-file": "2"}
         }
         assert info["Config"]["Image"] == IMAGE
         assert info["Config"]["User"] == "65534:65534"
@@ -521,7 +538,7 @@ resource "terraform_data" "t" {{
         assert [m["Type"] for m in info["Mounts"]] == ["volume"]
         volume = info["Mounts"][0]["Name"]
         # The deploy's directory holds the deploy's files only; the secret is not among them.
-        chunks, _ = docker_client.api.get_archive(slot.container_id, TF_DIR)
+        chunks, _ = docker_client.api.get_archive(slot.container_id, LAYOUT.config)
         with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
             names = sorted(m.name for m in tar if m.isfile())
             contents = b"".join(tar.extractfile(m).read() for m in tar if m.isfile())
@@ -584,7 +601,7 @@ async def test_leftover_container_counts_against_cap(docker_client, tmp_path):
             deploy_id="after-crash",
             attempt=1,
             workspace="w",
-            action="apply",
+            steps=steps_for("apply"),
             files={"main.tf": WEB},
         )
         acquiring = asyncio.create_task(runner.acquire_slot(request))
@@ -610,7 +627,7 @@ async def test_leftover_container_counts_against_cap(docker_client, tmp_path):
 async def test_cancelled_acquire_leaves_nothing(docker_client, tmp_path):
     runner = DockerRunner(make_settings(tmp_path, max_concurrency=1), service_name=unique_service())
     request = RunRequest(
-        deploy_id="x", attempt=1, workspace="w", action="apply", files={"main.tf": WEB}
+        deploy_id="x", attempt=1, workspace="w", steps=steps_for("apply"), files={"main.tf": WEB}
     )
     slot = await runner.acquire_slot(request)
     waiting = asyncio.create_task(runner.acquire_slot(request))
@@ -635,7 +652,7 @@ async def test_missing_image_is_a_runner_error(docker_client, tmp_path):
     with pytest.raises(RunnerError, match="no-such-image"):
         await runner.acquire_slot(
             RunRequest(
-                deploy_id="x", attempt=1, workspace="w", action="apply", files={"main.tf": WEB}
+                deploy_id="x", attempt=1, workspace="w", steps=steps_for("apply"), files={"main.tf": WEB}
             )
         )
     await runner.close()
@@ -647,22 +664,59 @@ def test_make_runner(docker_client, tmp_path):
     docker_runner = make_runner(make_settings(tmp_path, runner="docker"))
     assert isinstance(docker_runner, DockerRunner)
     assert docker_runner.label_filter == "tfdeploy.service=tfdeploy"
-    request = RunRequest(deploy_id="d", attempt=3, workspace="w", action="destroy", files={})
+    request = RunRequest(deploy_id="d", attempt=3, workspace="w", steps=steps_for("destroy"), files={})
     config = docker_runner.container_config(request)
-    assert config["labels"] == {
-        "tfdeploy.service": "tfdeploy",
-        "tfdeploy.deploy": "d",
-        "tfdeploy.attempt": "3",
-        "tfdeploy.workspace": "w",
-    }
-    assert config["command"] == ["destroy"]
+    assert config["labels"]["tfdeploy.service"] == "tfdeploy"
+    assert (config["labels"]["tfdeploy.deploy"], config["labels"]["tfdeploy.attempt"]) == ("d", "3")
+    script = config["entrypoint"][2]
+    assert "terraform destroy -auto-approve" in script and "terraform apply" not in script
     assert make_runner(make_settings(tmp_path)).name == "docker"  # an engine answers
 
 
-def test_make_runner_falls_back_to_local_without_an_engine(tmp_path, monkeypatch):
+def test_without_an_engine_up_falls_back_to_local_loudly_and_a_worker_refuses(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
-    runner = make_runner(make_settings(tmp_path))
+    with pytest.raises(RunnerError, match="no Docker engine answers"):
+        make_runner(make_settings(tmp_path))  # tfdeploy worker
+    runner = make_runner(make_settings(tmp_path), local_fallback=True)  # tfdeploy up
     assert isinstance(runner, LocalRunner)
+    assert "LOCAL runner" in capsys.readouterr().err
+
+
+def test_a_slow_engine_is_waited_for_not_replaced(tmp_path, monkeypatch):
+    """An engine that accepts the connection but is slow to answer is still the engine: the
+    worker must not fall back to the local runner (it did, after 3 s)."""
+    import socket
+    import threading
+
+    path = tmp_path / "slow.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])  # and never answer
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{path}")
+    try:
+        from service.runners import docker_status
+
+        assert docker_status(timeout=0.5) == "slow"
+        assert make_runner(make_settings(tmp_path)).name == "docker"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
 
 
 # -- local only -----------------------------------------------------------------------------
@@ -680,7 +734,7 @@ async def test_local_slot_held_by_another_process(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         assert await runner.running() == 1
         request = RunRequest(
-            deploy_id="x", attempt=1, workspace="w", action="apply", files={"main.tf": WEB}
+            deploy_id="x", attempt=1, workspace="w", steps=steps_for("apply"), files={"main.tf": WEB}
         )
         acquiring = asyncio.create_task(runner.acquire_slot(request))
         await asyncio.sleep(1)
@@ -718,7 +772,7 @@ def hold_lock_in_another_process(path: Path) -> subprocess.Popen:
 
 
 def test_line_splitter():
-    s = LineSplitter()
+    s = LineCutter()
     assert s.feed(b"a\r\nb") == ["a"]
     assert s.feed("ü\nc".encode()[:1]) == []
     assert s.feed("ü\nc".encode()[1:]) == ["bü"]
@@ -740,7 +794,7 @@ async def test_docker_container_stopped_from_outside_is_runner_lost(docker_clien
         deploy_id=f"d-{secrets_token()}",
         attempt=1,
         workspace="w",
-        action="apply",
+        steps=steps_for("apply"),
         files={"main.tf": A_THEN_B.replace("echo b fails; exit 3", "echo b-slow; sleep 60")},
     )
     slot = await runner.acquire_slot(request)

@@ -1,0 +1,169 @@
+"""The local runner's sandbox: bubblewrap (``bwrap``), one per run.
+
+What a run sees: ``/usr`` and ``/etc`` read-only (``/bin``, ``/lib`` ... as the host's
+symlinks into them), a private ``/dev``, ``/proc`` of its own pid namespace (it sees no other
+process: not the service, not another run), a private ``/tmp`` (a size-capped tmpfs), its own
+run directory read-write at ``/tfdeploy/run``, the terraform binary at ``/tfdeploy/bin``, and
+the provider mounts read-only under ``/tfdeploy/providers``. Nothing else of the host: not the
+data dir (keys, tokens, other runs' records), not the database's socket directory, not the
+service's own files, not other runs' temporary directories. Paths that must stay hidden but lie
+under ``/usr`` or ``/etc`` are covered by an empty tmpfs. ``TFDEPLOY_RUNNER_NETWORK=none``
+adds ``--unshare-net`` (only a loopback of its own: the database's TCP port is out of reach).
+
+A worker running as root starts the sandbox as ``nobody`` (65534): a root-owned file under the
+read-only mounts (``/etc/shadow``) stays unreadable, and the run directory is handed to that
+user. The environment is what the runner builds (nothing of the service's own): bwrap passes it
+on. No ``--die-with-parent``: terraform must outlive a worker that dies, so that another
+worker's recovery can interrupt it gracefully and collect its state.
+
+The sandboxed script runs as pid 1 of its namespace (``--as-pid-1``): a SIGINT sent to it
+(its host pid comes from ``--info-fd``) is passed on to every process in the namespace, and
+when it exits the kernel ends whatever it left running.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger("tfdeploy.runner.sandbox")
+
+RUN_ROOT = "/tfdeploy/run"
+BIN_DIR = "/tfdeploy/bin"
+SANDBOX_UID = 65534
+TMP_SIZE = 64 * 1024 * 1024
+PATH = f"{BIN_DIR}:/usr/local/bin:/usr/bin:/bin"
+READ_ONLY_ROOTS = ("/usr", "/etc")
+# Merged-/usr systems link these into /usr; elsewhere they are bound read-only.
+TOP_LINKS = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+# Where PostgreSQL puts its sockets by default (hidden if they lie under a bound root).
+DEFAULT_SOCKET_DIRS = ("/var/run/postgresql", "/run/postgresql", "/tmp")
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def sandbox_user() -> tuple[int, int] | None:
+    """(uid, gid) to run the sandbox as: nobody when the worker is root, else the worker's."""
+    return (SANDBOX_UID, SANDBOX_UID) if os.geteuid() == 0 else None
+
+
+def under(path: str, roots: Iterable[str]) -> bool:
+    p = os.path.realpath(path)
+    return any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def command(
+    *,
+    bwrap: str,
+    run_dir: str,
+    terraform: str,
+    script: str,
+    info_fd: int,
+    network_none: bool,
+    mounts: dict[str, str],
+    extra_files: Iterable[str] = (),
+    hidden: Iterable[str] = (),
+) -> list[str]:
+    """The bwrap command line for one run. ``run_dir`` (host) appears at RUN_ROOT; ``mounts``
+    are in-run path -> host path, bound read-only; ``extra_files`` are host files bound
+    read-only at their own path (certificates, a CLI config); ``hidden`` are host paths
+    covered by an empty tmpfs if they lie under a bound root."""
+    args = [bwrap]
+    for root in READ_ONLY_ROOTS:
+        args += ["--ro-bind", root, root]
+    for top in TOP_LINKS:
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    resolv = "/etc/resolv.conf"
+    if os.path.islink(resolv) and not under(resolv, READ_ONLY_ROOTS):
+        args += ["--ro-bind-try", os.path.realpath(resolv), os.path.realpath(resolv)]
+    for path in extra_files:
+        if os.path.exists(path) and not under(path, READ_ONLY_ROOTS):
+            args += ["--ro-bind", path, path]
+    for path in sorted({os.path.realpath(h) for h in hidden}):
+        if under(path, READ_ONLY_ROOTS) and os.path.isdir(path):
+            args += ["--tmpfs", path]
+    args += [
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--size", str(TMP_SIZE), "--tmpfs", "/tmp",
+        "--bind", run_dir, RUN_ROOT,
+        "--ro-bind", terraform, f"{BIN_DIR}/terraform",
+    ]
+    for in_run, host in sorted(mounts.items()):
+        args += ["--ro-bind", host, in_run]
+    args += [
+        "--unshare-user", "--disable-userns",
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--hostname", "tfdeploy-run",
+        "--as-pid-1",
+        "--info-fd", str(info_fd),
+        "--chdir", RUN_ROOT,
+    ]
+    if network_none:
+        args.append("--unshare-net")
+    args += ["/bin/sh", "-c", script, "tfdeploy-run"]
+    return args
+
+
+# The holder: keeps the place's lock (its stdin) for as long as the sandbox runs, while the
+# sandbox itself gets /dev/null -- code in the sandbox never holds the lock's descriptor, so it
+# cannot release the place early (flock's LOCK_UN acts on every holder of a description).
+HOLDER = ["/bin/sh", "-c", '"$@" </dev/null; exit $?', "tfdeploy-hold"]
+
+
+def prepare_run_dir(path: Path) -> None:
+    """Hand the run's directory over to the sandbox's user, and let it reach it."""
+    user = sandbox_user()
+    if user is None:
+        return
+    os.chmod(path.parent, 0o711)  # the private temp dir: traversable, not listable
+    for dirpath, dirnames, filenames in os.walk(path):
+        os.chown(dirpath, *user, follow_symlinks=False)
+        for name in (*dirnames, *filenames):
+            os.chown(os.path.join(dirpath, name), *user, follow_symlinks=False)
+
+
+@functools.lru_cache(maxsize=4)
+def probe(bwrap: str, network_none: bool) -> str | None:
+    """Whether a sandbox can be made here (None) or why not. Runs one real, empty sandbox with
+    the options runs use, as the user runs use."""
+    parent = Path(tempfile.mkdtemp(prefix="tfdeploy-probe-"))
+    try:
+        run_dir = parent / "sandbox"
+        run_dir.mkdir(mode=0o700)
+        prepare_run_dir(run_dir)
+        true = shutil.which("true") or "/bin/true"
+        r, w = os.pipe()
+        try:
+            args = command(
+                bwrap=bwrap, run_dir=str(run_dir), terraform=true,
+                script=f"test -w {RUN_ROOT} && {BIN_DIR}/terraform", info_fd=w,
+                network_none=network_none, mounts={},
+            )
+            user = sandbox_user()
+            proc = subprocess.run(
+                args, pass_fds=(w,), capture_output=True, timeout=30, env={"PATH": PATH},
+                user=user[0] if user else None, group=user[1] if user else None,
+                extra_groups=[] if user else None,
+            )
+        finally:
+            os.close(r)
+            os.close(w)
+        if proc.returncode != 0:
+            return (proc.stderr.decode(errors="replace").strip() or f"exit {proc.returncode}")
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
