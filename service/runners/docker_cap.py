@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import secrets
 import socket
 import threading
 import time
@@ -116,13 +117,14 @@ class DockerReservation:
     places: DockerPlaces
     index: int
     fd: int
+    token: str  # this holding of the file (a file is held again and again)
     _released: bool = field(default=False, repr=False)
 
     @property
     def tag(self) -> str:
         """Written on the container made from it (PLACE_LABEL), so that the place is not
         counted twice while both exist."""
-        return f"{self.places.tag}:{self.index}"
+        return f"{self.places.tag}:{self.index}:{self.token}"
 
     async def release(self) -> None:
         if self._released:
@@ -153,8 +155,8 @@ class DockerPlaces:
     def _path(self, i: int) -> Path:
         return self.dir / f"place-{i}.lock"
 
-    def held_reservations(self) -> set[int]:
-        """Reservations held on this host, by any process."""
+    def held_reservations(self) -> set[str]:
+        """The tags of the reservations held on this host, by any process."""
         held = set()
         for i in range(self.cap):
             try:
@@ -164,7 +166,9 @@ class DockerPlaces:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                held.add(i)
+                # Its holder wrote its token before it made any container with it.
+                token = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                held.add(f"{self.tag}:{i}:{token}")
             finally:
                 os.close(fd)
         return held
@@ -178,7 +182,10 @@ class DockerPlaces:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            return DockerReservation(self, i, fd)
+            token = secrets.token_hex(6)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, token.encode(), 0)
+            return DockerReservation(self, i, fd, token)
         return None
 
     def count_sync(self) -> int:
@@ -186,8 +193,8 @@ class DockerPlaces:
         # so the container list that follows shows it -- no place is missed.
         held = self.held_reservations()
         active = active_containers(self.engine.api, self.label_filter)
-        tags = {(row.get("Labels") or {}).get(PLACE_LABEL) for row in active}
-        return len(active) + sum(1 for i in held if f"{self.tag}:{i}" not in tags)
+        made = {(row.get("Labels") or {}).get(PLACE_LABEL) for row in active}
+        return len(active) + len(held - made)
 
     async def count(self) -> int:
         return int(await self.engine.call(self.count_sync))

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import json
 import logging
 import os
 import re
@@ -43,13 +40,9 @@ from typing import Any
 from service.runners import sandbox
 from service.runners._common import (
     DEFAULT_GRACE,
-    LOCK_FILE_LIMIT,
-    PLAN_FACTOR,
-    Artifacts,
     cancelled_before_start,
     exit_code_of,
     finish_result,
-    safe_relative_path,
     stop_on_cancel_or_timeout,
     tf_var_env,
     validate_request,
@@ -61,18 +54,17 @@ from service.runners.base import (
     RunRequest,
     RunResult,
     Slot,
-    Step,
 )
+from service.runners.local_files import prepare_dir, read_artifacts, read_child_pid, tail_file
+from service.runners.local_orphans import RunRecords, collect
 from service.runners.local_places import LocalPlace, LocalPlaces
-from service.runners.output import RunOutput, StepRecord
+from service.runners.output import RunOutput
 from service.runners.script import (
     FORWARD_IN_NAMESPACE,
-    MARKER_PREFIX,
     Layout,
     build_script,
     new_marker,
 )
-from service.runners.statecheck import ArtifactProblem, read_local_artifact
 from service.settings import Settings
 
 log = logging.getLogger("tfdeploy.runner.local")
@@ -87,9 +79,6 @@ UNSANDBOXED_NOTE = (
     "WARNING: this run is NOT sandboxed (TFDEPLOY_LOCAL_UNSANDBOXED=true): terraform runs as "
     "the service's user and can read what that user can"
 )
-TAIL_POLL = 0.05
-TAIL_CHUNK = 64 * 1024
-TAIL_BYTES = 16 * 1024  # of a dead worker's run's stderr, for its error
 
 
 @dataclass(eq=False)
@@ -154,7 +143,7 @@ class LocalRunner:
         found = terraform or os.environ.get("TFDEPLOY_TERRAFORM") or shutil.which("terraform")
         self.terraform = os.path.realpath(found) if found else None
         self.places = LocalPlaces(settings.data_path / "local-slots", settings.max_concurrency)
-        self.runs_dir = settings.data_path / "local-runs"
+        self.records = RunRecords(settings.data_path / "local-runs")
         self.network_none = settings.runner_network == "none"
         self.bwrap = sandbox.bwrap_path()
         problem = "sandbox not wanted" if not use_sandbox else (
@@ -200,32 +189,16 @@ class LocalRunner:
         return await self.prepare(await self.reserve(), request)
 
     def _prepare_dir(self, request: RunRequest) -> Path:
-        return _prepare(request, sandboxed=self.sandboxed)
+        return prepare_dir(request, sandboxed=self.sandboxed)
 
     # -- run records (orphans) -------------------------------------------------------------
 
     def run_record(self, request: RunRequest) -> Path:
-        return self._record_path(request.deploy_id, request.attempt, request.run)
+        return self.records.path(request.deploy_id, request.attempt, request.run)
 
-    def _record_path(self, deploy_id: str, attempt: int, run: int) -> Path:
-        safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", deploy_id)[:80]
-        return self.runs_dir / f"{safe}-a{attempt}-r{run}.json"
-
-    def _records_of(self, deploy_id: str, attempt: int) -> list[tuple[int, Path]]:
-        safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", deploy_id)[:80]
-        found = []
-        for path in self.runs_dir.glob(f"{safe}-a{attempt}-r*.json"):
-            run = path.stem.rsplit("-r", 1)[-1]
-            if run.isdigit():
-                found.append((int(run), path))
-        return sorted(found)
-
-    def _write_record(self, slot: LocalSlot, current: _Current, marker: str,
-                      exit_code: int | None = None) -> None:
-        assert current.proc is not None
-        self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.run_record(slot.request)
-        tmp = path.with_suffix(".tmp")
+    def _write_record(self, slot: LocalSlot, current: _Current, exit_code: int | None = None) -> None:
+        if current.proc is None:
+            return
         request = slot.request
         record: dict[str, Any] = {
             "deploy_id": request.deploy_id,
@@ -243,8 +216,7 @@ class LocalRunner:
         }
         if exit_code is not None:  # terraform ended: a recoverer reports its real outcome
             record["exit_code"] = exit_code
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        self.records.write(request, record)
 
     # -- the run --------------------------------------------------------------------------
 
@@ -320,12 +292,12 @@ class LocalRunner:
                 current.interrupted or current.timed_out or current.output_limited
             ):
                 raise RunnerError(f"the run did not start (exit {exit_code}): {out.tail.error()}")
-            artifacts = await asyncio.to_thread(_read_artifacts, slot.host_layout, request,
+            artifacts = await asyncio.to_thread(read_artifacts, slot.host_layout, request,
                                                 out.record)
             for note in artifacts.notes:
                 await out.say("system", note)
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(self._write_record, slot, current, marker, exit_code)
+                await asyncio.to_thread(self._write_record, slot, current, exit_code)
             return finish_result(
                 request, exit_code=exit_code, record=out.record, artifacts=artifacts,
                 diagnostics=out.diagnostics, error=out.tail.error(), started=started,
@@ -390,11 +362,11 @@ class LocalRunner:
             if info_w >= 0:
                 os.close(info_w)
         try:
-            await asyncio.to_thread(self._write_record, slot, current, marker)
+            await asyncio.to_thread(self._write_record, slot, current)
             if info_r >= 0:
-                current.sandbox_pid = await _read_child_pid(info_r)
+                current.sandbox_pid = await read_child_pid(info_r)
                 info_r = -1
-                await asyncio.to_thread(self._write_record, slot, current, marker)
+                await asyncio.to_thread(self._write_record, slot, current)
         except OSError as exc:
             log.warning("could not record the run of %s: %s", request.deploy_id, exc)
         finally:
@@ -406,7 +378,7 @@ class LocalRunner:
         assert current.proc is not None
         ended = asyncio.Event()
         tails = asyncio.gather(
-            *(_tail(slot.root / name, name, out, ended) for name in ("stdout", "stderr"))
+            *(tail_file(slot.root / name, name, out, ended) for name in ("stdout", "stderr"))
         )
         try:
             returncode = await current.proc.wait()
@@ -432,243 +404,15 @@ class LocalRunner:
     # -- a dead worker's run --------------------------------------------------------------
 
     async def collect_orphan(self, deploy_id: str, attempt: int) -> RunResult | None:
-        """Take over the latest run of (deploy, attempt) that a dead worker left on this host:
-        interrupt it if it still runs (SIGINT, grace, SIGKILL) and read what it left. None
-        when there is no record (another host, or it never started). The temp dir is kept:
-        call ``discard_orphan`` once the outcome is recorded. The exit code of a process that
-        is not our child is unknown: reported as 130 (a failed attempt; the next one starts
-        from the state read here)."""
-        records = self._records_of(deploy_id, attempt)
-        if not records:
-            return None
-        started = time.monotonic()
-        try:
-            record = json.loads(records[-1][1].read_text())
-        except (OSError, ValueError):
-            return None
-        pgid, root = int(record["pgid"]), Path(record["root"])
-        recorded = record.get("exit_code")
-        # Ended on record: its group id may belong to someone else by now, never signal it.
-        was_running = not isinstance(recorded, int) and _group_alive(pgid)
-        if was_running:
-            sandbox_pid = record.get("sandbox_pid")
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if isinstance(sandbox_pid, int) and record.get("sandboxed"):
-                    os.kill(sandbox_pid, signal.SIGINT)
-                else:
-                    os.killpg(pgid, signal.SIGINT)
-            await _wait_group(pgid, self.grace)
-            if _group_alive(pgid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-                await _wait_group(pgid, 30)
-        steps = [Step(**s) for s in record.get("steps") or [{"name": "apply"}]]
-        request = RunRequest(
-            deploy_id=deploy_id, attempt=attempt, run=int(record.get("run", 1)), workspace="",
-            steps=steps, files={}, state=b"{}" if record.get("start_state") else None,
-            max_state_bytes=int(record.get("max_state_bytes") or 64 * 1024 * 1024),
-        )
-        layout = Layout(str(root / "sandbox"))
-        steps_record = StepRecord(steps)
-        with contextlib.suppress(OSError):
-            for line in _read_tail(Path(layout.status), 64 * 1024).splitlines():
-                steps_record.record(line)
-        artifacts = await asyncio.to_thread(_read_artifacts, layout, request, steps_record)
-        tail = await asyncio.to_thread(_read_tail, root / "stderr", TAIL_BYTES)
-        if isinstance(recorded, int):
-            # Terraform had ended and its exit code was recorded: the dead worker only missed
-            # persisting the state and recording the outcome.
-            exit_code = recorded
-            error = "" if recorded == 0 else f"worker lost after terraform ended\n{tail}".strip()
-        else:
-            exit_code = 130
-            what = "interrupted" if was_running else "it had ended"
-            error = f"worker lost while terraform ran ({what})\n{tail}".strip()
-        failed = steps_record.failed_step(exit_code)
-        return finish_result(
-            request, exit_code=exit_code, record=steps_record, artifacts=artifacts,
-            diagnostics={failed: tail} if failed else {}, error=error, started=started,
-        )
+        """Take over the latest run of (deploy, attempt) a dead worker left on this host
+        (``local_orphans.collect``). Its temp dir stays until ``discard_orphan``."""
+        return await collect(self.records, deploy_id, attempt, self.grace)
 
     async def discard_orphan(self, deploy_id: str, attempt: int) -> None:
         """Remove a dead worker's temp dirs and records for (deploy, attempt), if any."""
-        for _, path in self._records_of(deploy_id, attempt):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                record = {}
-            root = Path(record.get("root", ""))
-            if root.name.startswith("tfdeploy-run-"):
-                await asyncio.to_thread(shutil.rmtree, root, True)
-            with contextlib.suppress(OSError):
-                path.unlink()
+        await self.records.discard(deploy_id, attempt)
 
     async def close(self) -> None:
         return None
 
 
-async def _read_child_pid(fd: int) -> int | None:
-    """The sandbox's pid 1 as the host sees it, from bwrap's --info-fd (closes ``fd``)."""
-
-    def read() -> int | None:
-        data = b""
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            while b"}" not in data:
-                chunk = f.read(4096)
-                if not chunk:
-                    return None
-                data += chunk
-        pid = json.loads(data[: data.index(b"}") + 1]).get("child-pid")
-        return pid if isinstance(pid, int) else None
-
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(read), 30)
-    except (TimeoutError, ValueError):
-        return None
-
-
-async def _wait_group(pgid: int, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while _group_alive(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 - not our child: poll
-        await asyncio.sleep(0.2)
-
-
-def _read_artifacts(layout: Layout, request: RunRequest, record: StepRecord) -> Artifacts:
-    """The run's files, each with the file checks (statecheck)."""
-    found = Artifacts()
-    big = request.max_state_bytes * PLAN_FACTOR
-    try:
-        found.state = read_local_artifact(layout.state, request.max_state_bytes)
-    except ArtifactProblem as exc:
-        found.state_refused = str(exc)
-    wanted = [("lock_file", layout.lock_file, LOCK_FILE_LIMIT)]
-    if "plan" in record.done:
-        wanted.append(("plan", layout.plan, big))
-    if "show_plan" in record.done:
-        wanted.append(("plan_json", layout.plan_json, big))
-    for name, path, limit in wanted:
-        try:
-            setattr(found, name, read_local_artifact(path, limit))
-        except ArtifactProblem as exc:
-            found.notes.append(f"{Path(path).name} not taken: {exc}")
-    return found
-
-
-_libc: Any = None
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-
-
-def _punch(fd: int, length: int) -> None:
-    """Free the disk blocks of an output file's first ``length`` bytes (already read), so a
-    flood does not fill the disk while it is tailed. Best effort: not every file system can."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    with contextlib.suppress(Exception):
-        _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                        ctypes.c_long(0), ctypes.c_long(length))
-
-
-async def _tail(path: Path, name: str, out: RunOutput, ended: asyncio.Event) -> None:
-    """Follow an output file until the process ended and the file is read to its end. Each
-    chunk is handed on (and waited for: backpressure) before the next is read."""
-    read = 0
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)  # RDWR: to punch holes
-    try:
-        while True:
-            data = os.read(fd, TAIL_CHUNK)
-            if data:
-                await out.feed(name, data)
-                read += len(data)
-                if read >= 1 << 20:
-                    _punch(fd, read & ~0xFFFF)
-                continue
-            if ended.is_set():
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), TAIL_POLL)
-    finally:
-        os.close(fd)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie leader (its parent died and nobody reaped it yet) counts as gone.
-    try:
-        with open(f"/proc/{pgid}/stat", "rb") as f:
-            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
-                return _other_members(pgid)
-    except OSError:
-        pass
-    return True
-
-
-def _other_members(pgid: int) -> bool:
-    """Whether a live (non-zombie) process other than the leader is in group ``pgid``."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == pgid:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[-1].split()
-        except OSError:
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
-
-
-def _read_tail(path: Path, size: int) -> str:
-    """The last ``size`` bytes of a file, as text (the file may be huge, or holed), without
-    the run script's step records (bookkeeping, not output)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - size, 0))
-            text = f.read(size).decode(errors="replace").replace("\x00", "")
-    except OSError:
-        return ""
-    return "\n".join(ln for ln in text.splitlines() if not ln.startswith(MARKER_PREFIX))
-
-
-def _prepare(request: RunRequest, *, sandboxed: bool) -> Path:
-    """The run's private temp dir: sandbox/ with config/ (the files, the start state, the lock
-    file), home/, the saved plan and the CLI config; handed to the sandbox's user."""
-    root = Path(tempfile.mkdtemp(prefix="tfdeploy-run-"))  # mode 700
-    try:
-        run_dir = root / "sandbox"
-        layout = Layout(str(run_dir))
-        config = Path(layout.config)
-        run_dir.mkdir(mode=0o700)
-        config.mkdir(mode=0o700)
-        Path(layout.home).mkdir(mode=0o700)
-
-        def write(path: Path | str, data: bytes) -> None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-
-        for name, content in request.files.items():
-            path = config / safe_relative_path(name)
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write(path, content.encode())
-        if request.state is not None:
-            write(layout.state, request.state)
-        if request.lock_file is not None:
-            write(layout.lock_file, request.lock_file)
-        if request.saved_plan is not None:
-            write(layout.plan, request.saved_plan)
-        if request.providers is not None:
-            setup = request.providers if sandboxed else request.providers.with_host_paths()
-            write(layout.cli_config, setup.cli_config.encode())
-        if sandboxed:
-            sandbox.prepare_run_dir(run_dir)
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    return root
