@@ -114,9 +114,8 @@ def docker_client():
 
 def make_settings(tmp_path: Path, **overrides):
     overrides.setdefault("max_concurrency", 4)
-    return settings_mod.from_env(
-        {}, runner_image=IMAGE, runner_network="none", data_dir=str(tmp_path), **overrides
-    )
+    overrides.setdefault("runner_network", "none")
+    return settings_mod.from_env({}, runner_image=IMAGE, data_dir=str(tmp_path), **overrides)
 
 
 def unique_service() -> str:
@@ -746,7 +745,7 @@ async def test_local_slot_held_by_another_process(tmp_path):
         assert result.exit_code == 0
         # Terraform ended, but the attempt is not concluded: place and state are both kept ...
         assert await runner.running() == 1
-        assert (slot.root / "config" / "terraform.tfstate").exists()
+        assert (slot.config_dir / "terraform.tfstate").exists()
         await slot.release()
         assert await runner.running() == 0  # ... until release
         assert not slot.root.exists()  # the private temp dir is gone
