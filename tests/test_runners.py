@@ -23,10 +23,10 @@ import pytest
 
 from service import settings as settings_mod
 from service.runners import RunnerError, RunRequest, make_runner, steps_for
-from service.runners.output import LineCutter
 from service.runners.docker import DockerRunner
 from service.runners.docker_archive import LAYOUT
 from service.runners.local import LocalRunner
+from service.runners.output import LineCutter
 
 IMAGE = os.environ.get("TFDEPLOY_TEST_RUNNER_IMAGE", "local/terraform:1.11.4")
 
