@@ -59,6 +59,26 @@ resource "terraform_data" "b" {
 """
 
 
+# A worker whose Docker runner labels its containers with a value of the test's own.
+LABELLED_WORKER = """
+import sys
+import service.worker as worker
+from service.runners import make_runner as make_any
+from service.runners.docker import DockerRunner
+
+LABEL = sys.argv[1]
+
+def make_runner(settings, **kwargs):
+    if settings.runner == "docker":
+        return DockerRunner(settings, service_name=LABEL)
+    return make_any(settings, **kwargs)
+
+worker.make_runner = make_runner
+from service.cli import main
+sys.exit(main(["worker"]))
+"""
+
+
 def _made_a(log: str) -> int:
     return len([ln for ln in log.splitlines() if ln.rstrip().endswith("(local-exec): MADE-A")])
 
@@ -90,9 +110,17 @@ class Env:
         *,
         argv: list[str] | None = None,
         extra_env: dict[str, str] | None = None,
+        docker_label: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """``python -m service.cli worker`` (or ``argv``) on this test's database and data dir,
-        its output in ``<tmp>/<name>.log``."""
+        its output in ``<tmp>/<name>.log``. ``docker_label``: the Docker runner's containers
+        carry (and its cap counts) this ``tfdeploy.service`` label, not the service's own: a
+        cap of the test's own on an engine others use too."""
+        if docker_label is not None:
+            script = self.tmp_path / "labelled_worker.py"
+            script.write_text(LABELLED_WORKER)
+            argv = [sys.executable, str(script), docker_label]
+            extra_env = {**(extra_env or {}), "PYTHONPATH": str(ROOT)}
         env = {k: v for k, v in os.environ.items() if not k.startswith("TFDEPLOY_")}
         env.update(
             TFDEPLOY_DATABASE_URL=self.database_url,
