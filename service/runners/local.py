@@ -288,7 +288,7 @@ class LocalRunner:
             exit_code = await self._follow(slot, out, current)
             watchdog.cancel()
             await out.finish()
-            if not out.record.done and out.record.current is None and exit_code != 0 and not (
+            if not out.record.began and exit_code != 0 and not (
                 current.interrupted or current.timed_out or current.output_limited
             ):
                 raise RunnerError(f"the run did not start (exit {exit_code}): {out.tail.error()}")
@@ -339,14 +339,11 @@ class LocalRunner:
                     bwrap=self.bwrap, run_dir=str(slot.run_dir), terraform=self.terraform,
                     script=script, info_fd=info_w, network_none=self.network_none,
                     mounts=mounts, extra_files=binds, hidden=self._hidden(),
-                )
-                user = sandbox.sandbox_user()
-                extra: dict[str, Any] = (
-                    {"user": user[0], "group": user[1], "extra_groups": []} if user else {}
+                    drop_to=sandbox.sandbox_user(),
                 )
                 current.proc = await asyncio.create_subprocess_exec(
                     *args, stdin=slot.place.fd, stdout=fds["stdout"], stderr=fds["stderr"],
-                    env=env, pass_fds=(info_w,), start_new_session=True, **extra,
+                    env=env, pass_fds=(info_w,), start_new_session=True,
                 )
             else:
                 env["PATH"] = f"{os.path.dirname(self.terraform or '')}:{env['PATH']}"

@@ -113,6 +113,7 @@ class StepRecord:
         self.failed: StepName | None = None
         self.failed_rc: int | None = None
         self.plan_changes: bool | None = None
+        self.began = False  # any step at all
 
     def _step(self, name: str) -> Step | None:
         return next((s for s in self.steps if s.name == name), None)
@@ -122,6 +123,7 @@ class StepRecord:
         parts = text.split()
         if len(parts) == 2 and parts[0] == "begin" and (step := self._step(parts[1])):
             self.current = step.name
+            self.began = True
             return True
         if len(parts) == 3 and parts[0] == "end" and parts[2].isdigit():
             step = self._step(parts[1])

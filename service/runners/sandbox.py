@@ -10,10 +10,14 @@ service's own files, not other runs' temporary directories. Paths that must stay
 under ``/usr`` or ``/etc`` are covered by an empty tmpfs. ``TFDEPLOY_RUNNER_NETWORK=none``
 adds ``--unshare-net`` (only a loopback of its own: the database's TCP port is out of reach).
 
-A worker running as root starts the sandbox as ``nobody`` (65534): a root-owned file under the
-read-only mounts (``/etc/shadow``) stays unreadable, and the run directory is handed to that
-user. The environment is what the runner builds (nothing of the service's own): bwrap passes it
-on. No ``--die-with-parent``: terraform must outlive a worker that dies, so that another
+Who runs it: a worker that is not root runs bwrap as itself (unprivileged, in a user namespace
+of its own, with further user namespaces disabled). A worker running as root runs bwrap as root
+-- so it can bind provider directories that only root can reach -- and the sandboxed script
+drops to ``nobody`` (65534) with ``setpriv`` before anything of the run starts: no capabilities,
+an empty bounding set, ``no_new_privs``; a root-owned file under the read-only mounts
+(``/etc/shadow``) stays unreadable, and the run directory is handed to that user. (A user
+namespace of root's own would map the sandbox user onto root, the owner of those files.) The
+environment is what the runner builds (nothing of the service's own): bwrap passes it on. No ``--die-with-parent``: terraform must outlive a worker that dies, so that another
 worker's recovery can interrupt it gracefully and collect its state.
 
 The sandboxed script runs as pid 1 of its namespace (``--as-pid-1``): a SIGINT sent to it
@@ -51,8 +55,17 @@ def bwrap_path() -> str | None:
 
 
 def sandbox_user() -> tuple[int, int] | None:
-    """(uid, gid) to run the sandbox as: nobody when the worker is root, else the worker's."""
+    """(uid, gid) the sandboxed script drops to: nobody when the worker is root, else None
+    (it runs as the worker's user, in its own user namespace)."""
     return (SANDBOX_UID, SANDBOX_UID) if os.geteuid() == 0 else None
+
+
+SETPRIV = "/usr/bin/setpriv"
+
+
+def drop_privileges(uid: int, gid: int) -> list[str]:
+    return [SETPRIV, "--reuid", str(uid), "--regid", str(gid), "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
 
 def under(path: str, roots: Iterable[str]) -> bool:
@@ -71,6 +84,7 @@ def command(
     mounts: dict[str, str],
     extra_files: Iterable[str] = (),
     hidden: Iterable[str] = (),
+    drop_to: tuple[int, int] | None = None,
 ) -> list[str]:
     """The bwrap command line for one run. ``run_dir`` (host) appears at RUN_ROOT; ``mounts``
     are in-run path -> host path, bound read-only; ``extra_files`` are host files bound
@@ -96,14 +110,26 @@ def command(
     args += [
         "--dev", "/dev",
         "--proc", "/proc",
-        "--size", str(TMP_SIZE), "--tmpfs", "/tmp",
+        "--perms", "1777", "--size", str(TMP_SIZE), "--tmpfs", "/tmp",
+    ]
+    # Directories bwrap makes are root's, mode 0700, when it runs as root: open them up.
+    made: set[str] = set()
+    for target in (RUN_ROOT, f"{BIN_DIR}/terraform", *mounts):
+        parts = target.strip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            parent = "/" + "/".join(parts[:i])
+            if parent not in made:
+                made.add(parent)
+                args += ["--perms", "0755", "--dir", parent]
+    args += [
         "--bind", run_dir, RUN_ROOT,
         "--ro-bind", terraform, f"{BIN_DIR}/terraform",
     ]
     for in_run, host in sorted(mounts.items()):
         args += ["--ro-bind", host, in_run]
+    if drop_to is None:
+        args += ["--unshare-user", "--disable-userns"]
     args += [
-        "--unshare-user", "--disable-userns",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
         "--hostname", "tfdeploy-run",
         "--as-pid-1",
@@ -112,6 +138,8 @@ def command(
     ]
     if network_none:
         args.append("--unshare-net")
+    if drop_to is not None:
+        args += drop_privileges(*drop_to)
     args += ["/bin/sh", "-c", script, "tfdeploy-run"]
     return args
 
@@ -123,11 +151,10 @@ HOLDER = ["/bin/sh", "-c", '"$@" </dev/null; exit $?', "tfdeploy-hold"]
 
 
 def prepare_run_dir(path: Path) -> None:
-    """Hand the run's directory over to the sandbox's user, and let it reach it."""
+    """Hand the run's directory over to the sandbox's user."""
     user = sandbox_user()
     if user is None:
         return
-    os.chmod(path.parent, 0o711)  # the private temp dir: traversable, not listable
     for dirpath, dirnames, filenames in os.walk(path):
         os.chown(dirpath, *user, follow_symlinks=False)
         for name in (*dirnames, *filenames):
@@ -138,6 +165,9 @@ def prepare_run_dir(path: Path) -> None:
 def probe(bwrap: str, network_none: bool) -> str | None:
     """Whether a sandbox can be made here (None) or why not. Runs one real, empty sandbox with
     the options runs use, as the user runs use."""
+    user = sandbox_user()
+    if user is not None and not os.access(SETPRIV, os.X_OK):
+        return f"{SETPRIV} (util-linux) is needed to drop root in the sandbox"
     parent = Path(tempfile.mkdtemp(prefix="tfdeploy-probe-"))
     try:
         run_dir = parent / "sandbox"
@@ -148,14 +178,11 @@ def probe(bwrap: str, network_none: bool) -> str | None:
         try:
             args = command(
                 bwrap=bwrap, run_dir=str(run_dir), terraform=true,
-                script=f"test -w {RUN_ROOT} && {BIN_DIR}/terraform", info_fd=w,
-                network_none=network_none, mounts={},
+                script=f"test -w {RUN_ROOT} && test -w /tmp && {BIN_DIR}/terraform", info_fd=w,
+                network_none=network_none, mounts={}, drop_to=user,
             )
-            user = sandbox_user()
             proc = subprocess.run(
-                args, pass_fds=(w,), capture_output=True, timeout=30, env={"PATH": PATH},
-                user=user[0] if user else None, group=user[1] if user else None,
-                extra_groups=[] if user else None,
+                args, pass_fds=(w,), capture_output=True, timeout=30, env={"PATH": PATH}
             )
         finally:
             os.close(r)
