@@ -408,3 +408,42 @@ def test_a_worker_refuses_to_start_without_an_engine_or_a_runner_setting(databas
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no Docker engine answers and TFDEPLOY_RUNNER is not set" in proc.stderr
+
+
+async def test_a_dispatcher_reserves_first_and_hands_the_place_to_the_deployer(
+    database_url, tmp_path, runner_image
+):
+    """The interface the dispatcher builds on: it holds a place (``runner.reserve()``) before
+    it takes a deploy; ``Deployer.handle(..., reservation=)`` runs the attempt in that place, or
+    gives it back if the deploy no longer wants that attempt. (This test is the dispatcher: no
+    queue worker runs.)"""
+    settings = from_env({}, data_dir=str(tmp_path / "data"), runner="local", retry_delay=0.05,
+                        max_concurrency=1)
+    services = await open_services(settings, database_url)
+    worker = Worker(services, name="dispatched-worker")  # not run: its deployer is called
+    async with services.pool.connection() as conn:
+        token = await create_token(conn, "ann")
+    transport = httpx.ASGITransport(app=create_app(services))
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as client:
+            h = Harness(services, worker, client, token)
+            runner, deployer = worker.runner, worker.deployer
+            d = await h.submit({"main.tf": ONE_RESOURCE}, workspace="dispatched")
+            stale = await h.submit({"main.tf": ONE_RESOURCE}, workspace="stale")
+            assert (await client.post(f"/deploys/{stale['id']}/cancel")).status_code in (200, 202)
+
+            place = await runner.reserve()
+            assert await runner.running() == 1
+            await deployer.handle(stale["id"], 1, reservation=place)  # cancelled: nothing runs
+            assert await runner.running() == 0
+
+            place = await runner.reserve()
+            await deployer.handle(d["id"], 1, reservation=place)
+            assert (await h.wait(d["id"]))["status"] == "succeeded"
+            assert await runner.running() == 0  # the place went with the slot, once concluded
+    finally:
+        await worker.close()
+        await services.close()

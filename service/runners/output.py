@@ -79,8 +79,6 @@ class LineCutter:
         return [self._line()]
 
 
-# Kept for callers that split small outputs (tests, logs of a collected container).
-LineSplitter = LineCutter
 
 
 class OutputTail:
