@@ -255,6 +255,12 @@ asyncio.run(main())
                 break
         proc.kill()
         proc.wait(10)
+        (record_path,) = (data / "local-runs").glob("orphan-a1-r*.json")
+        record = json.loads(record_path.read_text())
+        assert record["sandboxed"] and record["pgid"] != record["sandbox_pid"]
+        from service.runners.local_orphans import find_sandbox_pid
+
+        assert find_sandbox_pid(record["pgid"]) == record["sandbox_pid"]  # the fallback agrees
         runner = LocalRunner(make_settings(data, max_concurrency=1), grace=10)
         assert await runner.running() == 1  # terraform still runs and holds the place
         result = await runner.collect_orphan("orphan", 1)

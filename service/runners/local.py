@@ -56,7 +56,7 @@ from service.runners.base import (
     Slot,
 )
 from service.runners.local_files import prepare_dir, read_artifacts, read_child_pid, tail_file
-from service.runners.local_orphans import RunRecords, collect
+from service.runners.local_orphans import RunRecords, collect, find_sandbox_pid
 from service.runners.local_places import LocalPlace, LocalPlaces
 from service.runners.output import RunOutput
 from service.runners.script import (
@@ -392,9 +392,13 @@ class LocalRunner:
         if proc is None or proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if sig == signal.SIGINT and current.sandbox_pid:
-                # pid 1 of the sandbox passes it on to everything in it.
-                os.kill(current.sandbox_pid, sig)
+            if sig == signal.SIGINT and self.sandboxed:
+                # pid 1 of the sandbox passes it on to everything in it. (Never the group: bwrap
+                # itself would die of it, and the run look ended while terraform still writes.)
+                if current.sandbox_pid is None:
+                    current.sandbox_pid = find_sandbox_pid(proc.pid)
+                if current.sandbox_pid is not None:
+                    os.kill(current.sandbox_pid, sig)
             else:
                 os.killpg(proc.pid, sig)
 

@@ -91,9 +91,12 @@ async def collect(records: RunRecords, deploy_id: str, attempt: int, grace: floa
     was_running = not isinstance(recorded, int) and group_alive(pgid)
     if was_running:
         sandbox_pid = record.get("sandbox_pid")
+        if record.get("sandboxed") and not isinstance(sandbox_pid, int):
+            sandbox_pid = find_sandbox_pid(pgid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if isinstance(sandbox_pid, int) and record.get("sandboxed"):
-                os.kill(sandbox_pid, signal.SIGINT)  # the sandbox's pid 1 passes it on
+            if record.get("sandboxed"):
+                if isinstance(sandbox_pid, int):
+                    os.kill(sandbox_pid, signal.SIGINT)  # the sandbox's pid 1 passes it on
             else:
                 os.killpg(pgid, signal.SIGINT)
         await wait_group(pgid, grace)
@@ -165,3 +168,22 @@ def other_members(pgid: int) -> bool:
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
             return True
     return False
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[-1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def find_sandbox_pid(holder: int) -> int | None:
+    """The sandbox's pid 1 as the host sees it, when bwrap's --info-fd did not say: the child
+    of the child (bwrap) of the holder process."""
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    bwrap = next((p for p in pids if _ppid(p) == holder), None)
+    if bwrap is None:
+        return None
+    return next((p for p in pids if _ppid(p) == bwrap), None)
+

@@ -147,7 +147,9 @@ def command(
 # The holder: keeps the place's lock (its stdin) for as long as the sandbox runs, while the
 # sandbox itself gets /dev/null -- code in the sandbox never holds the lock's descriptor, so it
 # cannot release the place early (flock's LOCK_UN acts on every holder of a description).
-HOLDER = ["/bin/sh", "-c", '"$@" </dev/null; exit $?', "tfdeploy-hold"]
+# It traps (does not ignore: the sandbox would inherit that) SIGINT and SIGTERM, so that a signal
+# to the process group never ends it before the sandbox has ended.
+HOLDER = ["/bin/sh", "-c", 'trap : INT TERM; "$@" </dev/null; exit $?', "tfdeploy-hold"]
 
 
 def prepare_run_dir(path: Path) -> None:
