@@ -179,7 +179,10 @@ class LocalRunner:
             validate_request(request)
             if not self.terraform or not os.access(self.terraform, os.X_OK):
                 raise RunnerError("terraform not found (put it on PATH or set TFDEPLOY_TERRAFORM)")
-            root = await asyncio.to_thread(self._prepare_dir, request)
+            try:
+                root = await asyncio.to_thread(self._prepare_dir, request)
+            except OSError as exc:
+                raise RunnerError(f"could not prepare the run's directory: {exc}") from exc
         except BaseException:
             await reservation.release()
             raise

@@ -75,8 +75,9 @@ async def collect(records: RunRecords, deploy_id: str, attempt: int, grace: floa
     """Take over the latest run of (deploy, attempt) that a dead worker left on this host:
     interrupt it if it still runs (SIGINT, grace, SIGKILL) and read what it left. None when
     there is no record (another host, or it never started). The temp dir is kept: discard it
-    once the outcome is recorded. The exit code of a process that is not our child is unknown:
-    reported as 130 (a failed attempt; the next one starts from the state read here)."""
+    once the outcome is recorded. The exit code of a process that is not our child is unknown;
+    the run script's status file tells which steps ended and how: all well -> 0, a step that
+    failed -> its code, else (interrupted) 130."""
     found = records.of_attempt(deploy_id, attempt)
     if not found:
         return None
@@ -121,8 +122,11 @@ async def collect(records: RunRecords, deploy_id: str, attempt: int, grace: floa
         # persisting the state and recording the outcome.
         exit_code = recorded
         error = "" if recorded == 0 else f"worker lost after terraform ended\n{tail}".strip()
+    elif steps_record.failed is None and all(s.name in steps_record.done for s in steps):
+        # Every step ended well (the run script's own records): it only missed its worker.
+        exit_code, error = 0, ""
     else:
-        exit_code = 130
+        exit_code = steps_record.failed_rc or 130
         what = "interrupted" if was_running else "it had ended"
         error = f"worker lost while terraform ran ({what})\n{tail}".strip()
     failed = steps_record.failed_step(exit_code)
