@@ -43,6 +43,7 @@ from service.runners._common import (
     cancelled_before_start,
     exit_code_of,
     finish_result,
+    in_thread,
     stop_on_cancel_or_timeout,
     tf_var_env,
     validate_request,
@@ -180,7 +181,9 @@ class LocalRunner:
             if not self.terraform or not os.access(self.terraform, os.X_OK):
                 raise RunnerError("terraform not found (put it on PATH or set TFDEPLOY_TERRAFORM)")
             try:
-                root = await asyncio.to_thread(self._prepare_dir, request)
+                # Cancelled meanwhile, the directory made is removed when the thread is done.
+                root = await in_thread(self._prepare_dir, request,
+                                       orphan=lambda made: shutil.rmtree(made, True))
             except OSError as exc:
                 raise RunnerError(f"could not prepare the run's directory: {exc}") from exc
         except BaseException:
