@@ -100,7 +100,7 @@ def instrument_docker() -> None:
 
     from service.runners.docker import DockerRunner
 
-    for name in ("_ensure_image", "running", "_create", "_remove", "_read_state_sync", "acquire_slot"):
+    for name in ("_ensure_image", "running", "_create", "_remove", "reserve", "prepare"):
         fn = getattr(DockerRunner, name)
         if inspect.iscoroutinefunction(fn):
             async def timed_async(*a, __fn=fn, __name=name, **kw):  # type: ignore[no-untyped-def]
@@ -246,7 +246,7 @@ def main() -> int:
     if TIMINGS:
         table(["DockerRunner call", "calls", "median (ms)", "p90 (ms)"],
               [[k, len(v), median(v), sorted(v)[int(0.9 * (len(v) - 1))]] for k, v in TIMINGS.items()],
-              title="Docker runner calls (timed in the bench; acquire_slot includes the wait for a slot)")
+              title="Docker runner calls (timed in the bench; reserve includes the wait for a place)")
     for note in notes:
         print(note)
     return 0

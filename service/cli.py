@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+from service.runners.base import RunnerError
 from service.settings import Settings, SettingsError, from_env
 
 log = logging.getLogger("tfdeploy")
@@ -162,7 +163,7 @@ async def _run(
         if worker:
             from service.worker import Worker
 
-            wk = Worker(services)
+            wk = Worker(services, local_fallback=api)  # only `up` may fall back to local
             tasks.append(asyncio.create_task(wk.run(), name="worker"))
             stoppers.append(wk.stop)
             print(f"tfdeploy worker {wk.name} (runner {wk.runner.name})", file=sys.stderr)
@@ -730,7 +731,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return COMMANDS[args.command](settings, args)
+    try:
+        return COMMANDS[args.command](settings, args)
+    except RunnerError as exc:  # e.g. `worker` with no Docker engine and no TFDEPLOY_RUNNER
+        print(f"tfdeploy: runner error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

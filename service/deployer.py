@@ -1,8 +1,11 @@
 """One attempt of a deploy, start to end: the worker's side of the lifecycle.
 
-wait for a slot under the cap -> ``Started`` -> terraform runs (output into the log store) ->
-the state it left is persisted -> the outcome goes to the decider (``Succeeded``, ``Failed`` +
-``Retried``, ``Cancelled``) -> if the state cannot be persisted, destroy what the apply made.
+a place under the cap (``runner.reserve``) -> the run's inputs and steps -> its container /
+sandbox (``runner.prepare``) -> ``Started`` -> terraform runs (output into the log store,
+bounded) -> the state it left is checked and persisted -> the outcome goes to the decider
+(``Succeeded``, ``Failed`` + ``Retried``, ``Cancelled``) -> if the state cannot be persisted,
+destroy what the apply made; if it is not a state at all, rescue what there is and fail
+(``state_invalid``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 import time
 from typing import Any
 
+import msgspec
 import psycopg
 import psycopg_pool
 
@@ -36,7 +40,16 @@ from service.logs import append_lines
 from service.providers import Providers
 from service.queries import q
 from service.queue import WorkerStopping
-from service.runners.base import Runner, RunnerError, RunRequest, RunResult
+from service.runners.base import (
+    Reservation,
+    Runner,
+    RunnerError,
+    RunRequest,
+    RunResult,
+    Slot,
+    Step,
+    steps_for,
+)
 from service.secrets import Masker, SecretBox
 from service.settings import Settings
 from service.statestores import index, put_with_retries
@@ -47,6 +60,9 @@ log = logging.getLogger("tfdeploy.deployer")
 
 CANCEL_POLL_SECONDS = 1.0
 LOG_FLUSH_SECONDS = 0.1
+# Output waiting for the log table, at most: past it, ``LogWriter.line`` waits for a flush, and
+# with it the runner's reading of terraform's output (backpressure, not memory).
+LOG_BUFFER_BYTES = 1024 * 1024
 # An outcome is never dropped because PostgreSQL is away (restart, failover): the deployer waits
 # for it with a growing pause, at most the deploy timeout in all (docs/reliability.md).
 DB_RETRY_PAUSE_MAX = 5.0
@@ -62,18 +78,28 @@ def default_worker_name() -> str:
 
 
 class LogWriter:
-    """Buffers terraform's output and writes it in small batches, masked, in order."""
+    """Buffers terraform's output and writes it in small batches, masked, in order. The buffer
+    is bounded (``LOG_BUFFER_BYTES``): a producer faster than the log table waits."""
 
     def __init__(self, pool: Any, deploy_id: str, attempt: int, masker: Masker) -> None:
         self.pool, self.deploy_id, self.attempt, self.masker = pool, deploy_id, attempt, masker
         self._buffer: list[tuple[str, str]] = []
+        self._bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
         self._wake = asyncio.Event()
         self._closed = False
         self._lock = asyncio.Lock()  # one flush at a time keeps lines in order
         self._task = asyncio.create_task(self._flusher())
 
     async def line(self, stream: str, text: str) -> None:
-        self._buffer.append((stream, self.masker.mask(text.rstrip("\n"))))
+        while self._bytes >= LOG_BUFFER_BYTES and not self._closed:
+            self._room.clear()
+            self._wake.set()
+            await self._room.wait()
+        masked = self.masker.mask(text.rstrip("\n"))
+        self._buffer.append((stream, masked))
+        self._bytes += len(masked) + 16
         self._wake.set()
 
     async def flush(self) -> None:
@@ -88,6 +114,7 @@ class LogWriter:
     async def _flush_locked(self) -> None:
         while self._buffer:
             batch, self._buffer = self._buffer, []
+            size, self._bytes = self._bytes, 0
             try:
                 async with self.pool.connection() as conn, conn.transaction():
                     # Consecutive lines of one stream go in one call.
@@ -96,10 +123,13 @@ class LogWriter:
                         await append_lines(conn, self.deploy_id, self.attempt, stream, lines)
             except Exception:  # a log outage must not fail the deploy; keep the lines
                 self._buffer[:0] = batch
+                self._bytes += size
                 log.exception("log write failed for %s; will retry", self.deploy_id)
                 await asyncio.sleep(1)
                 if self._closed:
                     return
+            else:
+                self._room.set()
 
     async def _flusher(self) -> None:
         while not self._closed:
@@ -110,6 +140,7 @@ class LogWriter:
 
     async def close(self) -> None:
         self._closed = True
+        self._room.set()
         self._wake.set()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -157,26 +188,56 @@ class Deployer:
 
     # ------------------------------------------------------------ entry point
 
-    async def handle(self, deploy_id: str, attempt: int) -> None:
-        """Run ``attempt`` of ``deploy_id`` if it is still wanted; a stale job does nothing."""
-        async with self.pool.connection() as conn:
-            stream = await store.read_stream(conn, deploy_id)
-        state = fold(e.event for e in stream)
-        if state.phase != "queued" or state.next_attempt != attempt:
-            log.info("skipping job for %s attempt %s: deploy is %s", deploy_id, attempt, state.phase)
-            return
+    async def handle(
+        self, deploy_id: str, attempt: int, reservation: Reservation | None = None
+    ) -> None:
+        """Run ``attempt`` of ``deploy_id`` if it is still wanted; a stale job does nothing.
+
+        ``reservation``: a place under the cap the caller already holds (a dispatcher reserves
+        before it takes a deploy off the queue); without one, a place is reserved here, before
+        the attempt's inputs are read. Either way it is given back if nothing runs."""
+        try:
+            async with self.pool.connection() as conn:
+                stream = await store.read_stream(conn, deploy_id)
+            state = fold(e.event for e in stream)
+            if state.phase != "queued" or state.next_attempt != attempt:
+                log.info("skipping job for %s attempt %s: deploy is %s", deploy_id, attempt, state.phase)
+                if reservation is not None:
+                    await reservation.release()
+                return
+        except BaseException:
+            if reservation is not None:
+                await reservation.release()
+            raise
         self.active.add(deploy_id)
         try:
-            await self._handle_queued(deploy_id, attempt, state.workspace, state.action)
+            await self._handle_queued(deploy_id, attempt, state.workspace, state.action, reservation)
         finally:
             self.active.discard(deploy_id)
 
-    async def _handle_queued(self, deploy_id: str, attempt: int, workspace: str, action: str) -> None:
-        request = await self.prepare(deploy_id, attempt, workspace, action)
+    async def _handle_queued(
+        self,
+        deploy_id: str,
+        attempt: int,
+        workspace: str,
+        action: str,
+        reservation: Reservation | None,
+    ) -> None:
+        if reservation is None:
+            try:
+                reservation = await self.runner.reserve()
+            except RunnerError as exc:
+                # Without a runner there is no attempt; count it as one so the budget bounds it.
+                await self._start_and_fail(deploy_id, "runner_error", str(exc))
+                return
         try:
-            slot = await self.runner.acquire_slot(request)
+            request = await self.prepare(deploy_id, attempt, workspace, action)
+        except BaseException:
+            await reservation.release()
+            raise
+        try:
+            slot = await self.runner.prepare(reservation, request)
         except RunnerError as exc:
-            # Without a runner there is no attempt; count it as one so the budget bounds it.
             await self._start_and_fail(deploy_id, "runner_error", str(exc))
             return
         if self.stopping.is_set():
@@ -194,7 +255,7 @@ class Deployer:
         except BaseException:
             await slot.release()
             raise
-        await self._run_started(deploy_id, request, slot)
+        await self._run_started(deploy_id, slot.request, slot)
 
     async def _start_and_fail(self, deploy_id: str, reason: str, message: str) -> None:
         with contextlib.suppress(IllegalTransition):
@@ -207,7 +268,18 @@ class Deployer:
                 self.actor,
             )
 
-    async def prepare(self, deploy_id: str, attempt: int, workspace: str, action: str) -> RunRequest:
+    async def prepare(
+        self,
+        deploy_id: str,
+        attempt: int,
+        workspace: str,
+        action: str,
+        *,
+        steps: list[Step] | None = None,
+        run: int = 1,
+    ) -> RunRequest:
+        """The request of a run of ``attempt``: its inputs, the workspace's latest state, and
+        ``steps`` (default: the whole run of ``action``, ``steps_for``)."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(q("get_inputs"), {"deploy_id": deploy_id})
             files, variables, _ = await cur.fetchone()
@@ -224,8 +296,9 @@ class Deployer:
         return RunRequest(
             deploy_id=deploy_id,
             attempt=attempt,
+            run=run,
             workspace=workspace,
-            action=action,  # type: ignore[arg-type]
+            steps=steps if steps is not None else steps_for(action),
             # The files, the lock file to use and how providers install (a host-side fill of
             # the provider cache may happen here, before the run takes a place under the cap).
             **await self.providers.run_inputs(files, kept_lock),
@@ -233,11 +306,13 @@ class Deployer:
             variables=variables,
             secrets=secrets,
             timeout=self.settings.deploy_timeout,
+            max_output_bytes=self.settings.max_output_bytes,
+            max_state_bytes=self.settings.max_state_bytes,
         )
 
     # ------------------------------------------------------------ the attempt
 
-    async def _run_started(self, deploy_id: str, request: RunRequest, slot: Any) -> None:
+    async def _run_started(self, deploy_id: str, request: RunRequest, slot: Slot) -> None:
         masker = Masker(request.secrets)
         writer = LogWriter(self.pool, deploy_id, request.attempt, masker)
         cancel = asyncio.Event()
@@ -267,8 +342,8 @@ class Deployer:
                 result = RunResult(exit_code=-1, state=None, error=str(exc))
                 reason = "runner_error"
             else:
-                reason = "worker_stopped" if handed_over and result.interrupted else _failure_reason(result)
-            await self.conclude(deploy_id, request, result, reason, writer)
+                reason = "worker_stopped" if handed_over and result.interrupted else failure_reason(result)
+            await self.conclude(deploy_id, request, result, reason, writer, slot=slot)
             concluded = True
         finally:
             for watcher in watchers:
@@ -298,11 +373,13 @@ class Deployer:
         self, deploy_id: str, request: RunRequest, result: RunResult, note: str
     ) -> None:
         """Conclude an attempt whose worker died (``service/recovery.py``): the same path as a
-        normal outcome, with ``worker_lost`` as the failure reason."""
+        normal outcome, with ``worker_lost`` as the failure reason (unless the run's state
+        itself is refused: ``state_invalid``)."""
         writer = LogWriter(self.pool, deploy_id, request.attempt, Masker(request.secrets))
+        reason = "state_invalid" if result.state_problem is not None else "worker_lost"
         try:
             await writer.line("system", note)
-            await self.conclude(deploy_id, request, result, "worker_lost", writer)
+            await self.conclude(deploy_id, request, result, reason, writer)
         finally:
             await writer.close()
 
@@ -313,44 +390,63 @@ class Deployer:
         result: RunResult,
         reason: str,
         writer: LogWriter,
+        *,
+        slot: Slot | None = None,
     ) -> None:
         """State first, then the outcome: persist what terraform left, then AttemptSucceeded /
-        AttemptFailed / AttemptInterrupted; destroy if the state cannot be kept. ``reason``
-        ``worker_stopped``: this worker interrupted the run to stop (not a user's cancel)."""
+        AttemptFailed / AttemptInterrupted; destroy if the state cannot be kept, rescue and
+        fail (``state_invalid``) if it is not a state. ``reason`` ``worker_stopped``: this
+        worker interrupted the run to stop (not a user's cancel). ``slot``: the run's, still
+        held (a destroy may use its place)."""
         masker = writer.masker
         # PostgreSQL holds the index (and by default the state): if it is away, wait for it
         # rather than treat a short outage as a refusing store.
         await self._wait_for_db()
         handed_over = reason == "worker_stopped"
         # A run that ended well just as the stopping worker interrupted it is simply done.
-        ok = result.exit_code == 0 and not result.timed_out and (handed_over or not result.interrupted)
-        persisted: PersistedState | None = None
-        changed = result.state is not None and (
-            ok or request.state is None or _sha(result.state) != _sha(request.state)
+        ok = (
+            result.exit_code == 0
+            and result.failed_step is None
+            and not (result.timed_out or result.runner_lost or result.output_limited)
+            and (handed_over or not result.interrupted)
         )
-        if changed:
-            assert result.state is not None
+        if result.state_problem is not None:
+            await self._state_invalid(deploy_id, request, result, result.state_problem, writer)
+            return
+        persisted: PersistedState | None = None
+        content = result.state
+        changed = content is not None and (
+            ok or request.state is None or _sha(content) != _sha(request.state)
+        )
+        if changed and content is not None:
             try:
                 persisted = await self._persist(
-                    deploy_id, request, result.state, lock_file=lockfiles.from_result(result) if ok else None
+                    deploy_id, request, content, lock_file=lockfiles.from_result(result) if ok else None
                 )
+            except StateInvalid as exc:
+                await self._state_invalid(deploy_id, request, result, str(exc), writer)
+                return
             except (StateStoreError, ValueError) as exc:
                 await writer.line("system", f"state could not be persisted: {exc}")
-                await self._destroy_unkept(deploy_id, request, result.state, str(exc), writer)
+                await self._destroy_unkept(deploy_id, request, content, str(exc), writer, slot)
                 return
         error = masker.mask(result.error or f"terraform exited with {result.exit_code}")
+        if result.failed_step is not None and result.diagnostics:
+            # terraform's own diagnostics say what is wrong better than the output's tail
+            error = masker.mask(result.diagnostics)
         if handed_over and not ok:
             error = f"the worker stopped; attempt interrupted with its state kept\n{error}"
         if result.interrupted and not handed_over:
             command: Any = AttemptInterrupted(state=persisted)
-        elif ok:
-            assert persisted is not None
+        elif ok and persisted is not None:
             command = AttemptSucceeded(state=persisted)
         else:
-            command = AttemptFailed(
-                reason=reason,
+            if ok:  # it ended well but left no state to record its success with
+                error = "the run ended without a state to record"
+            command = attempt_failed(
+                result,
+                "runner_error" if ok else reason,
                 message=error[-2000:],
-                exit_code=result.exit_code,
                 state=persisted,
                 # A lost or stopped worker is no reason to back off: the next attempt may start
                 # at once; a stopped one's attempt is not the deploy's fault and is not counted.
@@ -358,6 +454,45 @@ class Deployer:
                 counted=not handed_over,
             )
         await writer.flush()
+        try:
+            await self._execute_retrying(deploy_id, command)
+        except IllegalTransition:
+            log.warning("outcome of %s no longer applies: %s", deploy_id, command)
+
+    async def _state_invalid(
+        self, deploy_id: str, request: RunRequest, result: RunResult, problem: str, writer: LogWriter
+    ) -> None:
+        """The run left something that is not a state the service can keep (missing, a link,
+        too large, not a tfstate): rescue what it held if it could be read within the cap
+        (state_emergency), and fail the attempt with reason ``state_invalid``. Nothing is
+        persisted: the workspace keeps its last good state."""
+        await writer.line("system", f"state refused: {problem}")
+        where, location, sha = "", None, ""
+        content = result.rejected_state
+        if content is not None:
+            try:
+                sha = _sha(content)
+                async with self.pool.connection() as conn, conn.transaction():
+                    location = await index.save_emergency(
+                        conn, request.workspace, deploy_id, request.attempt, content,
+                        sha, f"state refused: {problem}", keyring=self.box.keyring,
+                    )
+                where = f"; what it held is kept at {location}"
+                await writer.line("system", f"the refused state is kept at {location}")
+            except Exception as exc:  # the outcome must still be recorded
+                location, sha = None, ""
+                log.warning("could not rescue the refused state of %s: %s", deploy_id, exc)
+        message = writer.masker.mask(f"the run's state cannot be kept: {problem}{where}")
+        await writer.flush()
+        # Final: a retry would start from the last good state and make again what this run
+        # made (service.lifecycle: StateNotPersisted).
+        command = StateNotPersisted(
+            reason="state_invalid",
+            message=message[-2000:],
+            destroyed=False,
+            rescue_location=location,
+            rescue_sha256=sha,
+        )
         try:
             await self._execute_retrying(deploy_id, command)
         except IllegalTransition:
@@ -397,7 +532,11 @@ class Deployer:
     async def _persist(
         self, deploy_id: str, request: RunRequest, content: bytes, *, lock_file: bytes | None = None
     ) -> PersistedState:
-        serial, lineage, sha256, size = index.state_meta(content)
+        try:
+            # Up to max_state_bytes of JSON: parsed off the event loop.
+            serial, lineage, sha256, size = await asyncio.to_thread(index.state_meta, content)
+        except (ValueError, RecursionError) as exc:
+            raise StateInvalid(str(exc) or "not a tfstate") from None
         workspace = request.workspace
         async with self.pool.connection() as conn:
             version = await index.next_version(conn, workspace)
@@ -420,31 +559,36 @@ class Deployer:
         )
 
     async def _destroy_unkept(
-        self, deploy_id: str, request: RunRequest, state: bytes, why: str, writer: LogWriter
+        self,
+        deploy_id: str,
+        request: RunRequest,
+        state: bytes,
+        why: str,
+        writer: LogWriter,
+        slot: Slot | None = None,
     ) -> None:
         """The apply made resources whose state we cannot keep: destroy them with the state in
-        hand. If that fails too, keep the state in PostgreSQL so nothing is lost track of."""
-        destroy = RunRequest(
-            deploy_id=request.deploy_id,
-            attempt=request.attempt,
-            workspace=request.workspace,
-            action="destroy",
-            files=request.files,
+        hand (a run of its own, in the place of ``slot`` where the runner keeps one). If that
+        fails too, keep the state in PostgreSQL so nothing is lost track of."""
+        destroy = msgspec.structs.replace(
+            request,
+            run=request.run + 1,
+            steps=[Step(name="init"), Step(name="destroy")],
             state=state,
-            variables=request.variables,
-            secrets=request.secrets,
+            saved_plan=None,
             timeout=self.settings.deploy_timeout,
         )
         destroyed, message = False, ""
         try:
-            slot = await self.runner.acquire_slot(destroy)
+            reservation = await self.runner.reserve(within=slot)
+            run_slot = await self.runner.prepare(reservation, destroy)
             try:
                 await writer.line("system", "destroying what the apply created")
-                outcome = await self.runner.run(slot, writer.line, asyncio.Event())
+                outcome = await self.runner.run(run_slot, writer.line, asyncio.Event())
             finally:
                 # Nothing to keep: the state in hand is rescued below if the destroy failed.
-                await slot.release()
-            destroyed = outcome.exit_code == 0
+                await run_slot.release()
+            destroyed = outcome.ok
             message = "" if destroyed else (outcome.error or f"destroy exited with {outcome.exit_code}")
         except RunnerError as exc:
             message = f"destroy could not run: {exc}"
@@ -472,11 +616,50 @@ class Deployer:
             log.error("could not record the state failure of %s", deploy_id)
 
 
-def _failure_reason(result: RunResult) -> str:
-    """Failed.reason for a run that returned (used only if it did not succeed)."""
+class StateInvalid(Exception):
+    """A state the runner let through but the index cannot read (a last net)."""
+
+
+def failure_reason(result: RunResult) -> str:
+    """The service's reason for a run that returned without success: its own (the runner lost,
+    a timeout, the output limit), else "apply_failed" -- terraform itself failed, and the
+    lifecycle names it from the step and kind (service.lifecycle.failure_reason)."""
     if result.runner_lost:
         return "runner_lost"
-    return "timeout" if result.timed_out else "apply_failed"
+    if result.timed_out:
+        return "timeout"
+    if result.output_limited:
+        return "output_limit"
+    return "apply_failed"
+
+
+def attempt_failed(
+    result: RunResult,
+    reason: str,
+    *,
+    message: str,
+    state: PersistedState | None,
+    retry_delay: float,
+    counted: bool,
+) -> AttemptFailed:
+    """The lifecycle command for a failed run: where terraform failed (``step``) and how
+    (``kind``, from its diagnostics) go to the lifecycle, which decides the reason and whether
+    a retry can help (service.lifecycle.failure_reason)."""
+    step = result.failed_step if result.failed_step in _RUN_STEPS else None
+    kind = result.failure_kind if result.failure_kind in ("config", "network", "other") else None
+    return AttemptFailed(
+        reason=reason,
+        message=message,
+        exit_code=result.exit_code,
+        state=state,
+        retry_delay=retry_delay,
+        counted=counted,
+        step=step,
+        kind=kind,
+    )
+
+
+_RUN_STEPS = frozenset(("init", "validate", "plan", "show_plan", "apply", "destroy", "apply_plan"))
 
 
 def _sha(content: bytes) -> str:

@@ -6,13 +6,15 @@ heartbeat is older than ``STALLED_AFTER`` (procrastinate's ``get_stalled_jobs``)
 
 - the deploy is still ``queued`` for that attempt (the worker died before ``Started``): any
   container it had created is removed and the job goes back to ``todo`` (``retry_job``);
-- the deploy is ``running`` that attempt: the attempt's orphaned container (found by its labels)
-  is taken over — collected if it had exited (also when the dead worker's terraform had ended but
+- the deploy is ``running`` that attempt: the attempt's orphaned run (its container found by
+  its labels, its local sandbox by its run record; the latest run of the attempt) is taken over — collected if it had exited (also when the dead worker's terraform had ended but
   its state was not yet persisted: runners keep the container / temp dir until the outcome is
   recorded), otherwise interrupted (SIGINT, grace, SIGKILL) — and concluded exactly like a
-  normal outcome (``Deployer.conclude``: state persisted first,
+  normal outcome (``Deployer.conclude``: state checked and persisted first,
   then ``AttemptSucceeded`` or ``AttemptFailed(reason="worker_lost")``, whose ``Retried`` queues
-  the next attempt at once); then the job is finished (``failed``) so the workspace lock frees;
+  the next attempt at once); then the job is finished (``failed``) so the workspace lock frees.
+  A local orphan still holds its place under the cap (its process tree holds the slot's lock)
+  until it is interrupted here, so the cap counts it meanwhile;
 - anything else (the outcome was recorded but the job not closed): the job is finished.
 
 Two recoverers never act on one job: each takes a transaction-scoped advisory lock on the job id
@@ -173,7 +175,8 @@ class Recovery:
         containers: list[dict[str, Any]] = []
         if isinstance(self.runner, DockerRunner):
             containers = await self._containers(deploy_id, attempt)
-            for c in containers:
+            # Every run of the attempt is stopped; the latest that started tells its end.
+            for c in sorted(containers, key=lambda c: int(c["run"]) if c["run"].isdigit() else 1):
                 collected = await self.runner.collect_orphan(c["id"])
                 if collected is not None:
                     result = collected

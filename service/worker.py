@@ -23,8 +23,8 @@ from service.statestores import StateStore, make_state_store
 log = logging.getLogger("tfdeploy.worker")
 
 RESTART_PAUSE_MAX = 10.0
-# Jobs fetched beyond the cap: they wait in the runner's acquire_slot, already folded and
-# prepared, so a freed slot is refilled at once instead of after the ended job's bookkeeping,
+# Jobs fetched beyond the cap: they wait in the runner's reserve(), already folded, so a freed
+# place is refilled at once instead of after the ended job's bookkeeping,
 # the next fetch and the next fold (docs/benchmarks.md, cap utilisation). The cap itself is the
 # runner's; these only wait.
 PREFETCH_MAX = 4
@@ -47,11 +47,15 @@ class Worker:
         name: str | None = None,
         runner: Runner | None = None,
         state_store: StateStore | None = None,
+        local_fallback: bool = False,
     ) -> None:
+        """``local_fallback``: with TFDEPLOY_RUNNER unset and no Docker engine, use the local
+        runner (``tfdeploy up``) instead of refusing to start (RunnerError)."""
         self.services = services
         self.settings = services.settings
         self.name = name or default_worker_name()
-        self.runner = runner or make_runner(self.settings)
+        self.runner = runner or make_runner(self.settings, local_fallback=local_fallback)
+        services.extras["runner"] = self.runner.name  # what /health names
         self.state_store = state_store or make_state_store(self.settings, services.pool)
         self.deployer = Deployer(
             self.settings,

@@ -353,3 +353,92 @@ async def test_deploy_with_s3_state_store(database_url, tmp_path, runner_image, 
             assert "creating web" not in await h.logs(d2["id"])
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("runner_kind", RUNNERS)
+async def test_health_names_the_runner_in_use(database_url, tmp_path, runner_kind, runner_image):
+    async with harness(database_url, tmp_path, runner_kind, runner_image) as h:
+        body = (await h.client.get("/health")).json()
+        assert body["runner"] == runner_kind
+
+
+INVALID = """
+resource "terraform_data" "x" {
+  bogus = 1
+}
+"""
+
+
+@pytest.mark.parametrize("runner_kind", RUNNERS)
+async def test_an_invalid_configuration_fails_with_its_diagnostics(
+    database_url, tmp_path, runner_kind, runner_image
+):
+    """terraform validate refuses it: the attempt fails as invalid_config, with terraform's
+    own diagnostics as the message (the lifecycle makes that reason final)."""
+    async with harness(database_url, tmp_path, runner_kind, runner_image) as h:
+        d = await h.submit({"main.tf": INVALID}, workspace="invalid")
+        done = await h.wait(d["id"])
+        assert done["status"] == "failed", done
+        assert done["error"]["reason"] == "invalid_config", done
+        assert "Unsupported argument" in done["error"]["message"]
+        assert 'An argument named "bogus" is not expected here.' in done["error"]["message"]
+        assert "Unsupported argument" in await h.logs(d["id"])
+
+
+def test_a_worker_refuses_to_start_without_an_engine_or_a_runner_setting(database_url, tmp_path):
+    """TFDEPLOY_RUNNER unset and no Docker engine: `tfdeploy worker` refuses (it used to fall
+    back to the local runner silently, also when Docker was only slow to answer)."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TFDEPLOY_")}
+    env.update(
+        TFDEPLOY_DATABASE_URL=database_url,
+        TFDEPLOY_DATA_DIR=str(tmp_path / "data"),
+        DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker"], env=env, capture_output=True, text=True,
+        timeout=60, cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent),
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no Docker engine answers and TFDEPLOY_RUNNER is not set" in proc.stderr
+
+
+async def test_a_dispatcher_reserves_first_and_hands_the_place_to_the_deployer(
+    database_url, tmp_path, runner_image
+):
+    """The interface the dispatcher builds on: it holds a place (``runner.reserve()``) before
+    it takes a deploy; ``Deployer.handle(..., reservation=)`` runs the attempt in that place, or
+    gives it back if the deploy no longer wants that attempt. (This test is the dispatcher: no
+    queue worker runs.)"""
+    settings = from_env({}, data_dir=str(tmp_path / "data"), runner="local", retry_delay=0.05,
+                        max_concurrency=1)
+    services = await open_services(settings, database_url)
+    worker = Worker(services, name="dispatched-worker")  # not run: its deployer is called
+    async with services.pool.connection() as conn:
+        token = await create_token(conn, "ann")
+    transport = httpx.ASGITransport(app=create_app(services))
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as client:
+            h = Harness(services, worker, client, token)
+            runner, deployer = worker.runner, worker.deployer
+            d = await h.submit({"main.tf": ONE_RESOURCE}, workspace="dispatched")
+            stale = await h.submit({"main.tf": ONE_RESOURCE}, workspace="stale")
+            assert (await client.post(f"/deploys/{stale['id']}/cancel")).status_code in (200, 202)
+
+            place = await runner.reserve()
+            assert await runner.running() == 1
+            await deployer.handle(stale["id"], 1, reservation=place)  # cancelled: nothing runs
+            assert await runner.running() == 0
+
+            place = await runner.reserve()
+            await deployer.handle(d["id"], 1, reservation=place)
+            assert (await h.wait(d["id"]))["status"] == "succeeded"
+            assert await runner.running() == 0  # the place went with the slot, once concluded
+    finally:
+        await worker.close()
+        await services.close()

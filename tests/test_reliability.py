@@ -59,6 +59,26 @@ resource "terraform_data" "b" {
 """
 
 
+# A worker whose Docker runner labels its containers with a value of the test's own.
+LABELLED_WORKER = """
+import sys
+import service.worker as worker
+from service.runners import make_runner as make_any
+from service.runners.docker import DockerRunner
+
+LABEL = sys.argv[1]
+
+def make_runner(settings, **kwargs):
+    if settings.runner == "docker":
+        return DockerRunner(settings, service_name=LABEL)
+    return make_any(settings, **kwargs)
+
+worker.make_runner = make_runner
+from service.cli import main
+sys.exit(main(["worker"]))
+"""
+
+
 def _made_a(log: str) -> int:
     return len([ln for ln in log.splitlines() if ln.rstrip().endswith("(local-exec): MADE-A")])
 
@@ -90,9 +110,17 @@ class Env:
         *,
         argv: list[str] | None = None,
         extra_env: dict[str, str] | None = None,
+        docker_label: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """``python -m service.cli worker`` (or ``argv``) on this test's database and data dir,
-        its output in ``<tmp>/<name>.log``."""
+        its output in ``<tmp>/<name>.log``. ``docker_label``: the Docker runner's containers
+        carry (and its cap counts) this ``tfdeploy.service`` label, not the service's own: a
+        cap of the test's own on an engine others use too."""
+        if docker_label is not None:
+            script = self.tmp_path / "labelled_worker.py"
+            script.write_text(LABELLED_WORKER)
+            argv = [sys.executable, str(script), docker_label]
+            extra_env = {**(extra_env or {}), "PYTHONPATH": str(ROOT)}
         env = {k: v for k, v in os.environ.items() if not k.startswith("TFDEPLOY_")}
         env.update(
             TFDEPLOY_DATABASE_URL=self.database_url,
@@ -514,6 +542,107 @@ async def test_local_runner_worker_killed_mid_apply_its_terraform_is_taken_over(
         assert list((env.data_dir / "local-runs").glob("*.json")) == []
         state = (await env.client.get("/workspaces/local-killed/state")).json()
         assert {r["name"] for r in state["resources"]} == {"a", "b"}
+
+
+SLOW_PROBED = """
+variable "probe" {}
+resource "terraform_data" "slow" {
+  input = var.probe
+  provisioner "local-exec" { command = "echo SLOW-STARTS; sleep 8" }
+}
+"""
+
+
+def _applies_running(marker: str) -> int:
+    """terraform apply processes on this host that run one of this test's deploys (their
+    environment carries TF_VAR_probe=<marker>): local sandboxes and containers alike."""
+    count = 0
+    wanted = f"TF_VAR_probe={marker}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if len(argv) < 2 or not argv[0].endswith(b"terraform") or argv[1] != b"apply":
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if wanted in f.read().split(b"\0"):
+                    count += 1
+        except OSError:
+            continue
+    return count
+
+
+@pytest.mark.parametrize(
+    "runner", [pytest.param("local"), pytest.param("docker", marks=pytest.mark.docker)]
+)
+async def test_two_workers_one_killed_never_more_applies_than_the_cap(
+    database_url, tmp_path, runner_image, runner
+):
+    """Issue 12.8: two workers on one host, cap 2; one is SIGKILLed while it runs terraform.
+    Its terraform goes on (an orphan) and keeps its place: the other worker starts nothing
+    beyond the cap until recovery has interrupted it. terraform apply processes are sampled
+    every 50 ms; all deploys end succeeded."""
+    import secrets as _secrets
+    import shutil
+    import socket
+
+    if runner == "local" and not shutil.which("terraform"):
+        pytest.skip("no terraform on PATH")
+    async with environment(database_url, tmp_path, runner_image, runner=runner) as env:
+        marker = _secrets.token_hex(6)
+        label = f"tfdeploy-test-{marker}" if runner == "docker" else None
+        cap = {"TFDEPLOY_MAX_CONCURRENCY": "2"}
+        a = env.spawn_worker("a", extra_env=cap, docker_label=label)
+        b = env.spawn_worker("b", extra_env=cap, docker_label=label)
+        a_name = f"{socket.gethostname()}-{a.pid}"
+        ids = []
+        for i in range(6):
+            d = await env.submit({"main.tf": SLOW_PROBED}, workspace=f"cap-{i}",
+                                 variables={"probe": marker})
+            ids.append(d["id"])
+        env.deploy_ids = ids
+        samples: list[int] = []
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            while not stop.is_set():
+                samples.append(await asyncio.to_thread(_applies_running, marker))
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            deadline = time.monotonic() + 120
+            running_a: list[str] = []
+            while not running_a:  # kill A while its terraform sleeps (8 s left)
+                assert time.monotonic() < deadline, "worker a never ran a deploy"
+                for deploy_id in ids:
+                    events = await env.events(deploy_id)
+                    if (events[-1]["type"] == "Started" and events[-1]["data"]["worker"] == a_name
+                            and "SLOW-STARTS" in await env.logs(deploy_id)):
+                        running_a.append(deploy_id)
+                await asyncio.sleep(0.05)
+            os.kill(a.pid, signal.SIGKILL)
+            a.wait(30)
+            killed_at = time.monotonic()
+            done = [await env.wait(deploy_id, limit=300) for deploy_id in ids]
+            ended_after = time.monotonic() - killed_at
+        finally:
+            stop.set()
+            await sampler
+        print(f"\ntwo workers, one killed ({runner}): {len(samples)} samples, most applies at "
+              f"once {max(samples)}, orphaned deploys {len(running_a)}, all ended "
+              f"{ended_after:.1f}s after the kill")
+        assert [d["status"] for d in done] == ["succeeded"] * 6, done
+        assert max(samples) <= 2, samples
+        assert max(samples) == 2  # the cap was used
+        # Recovery concluded each orphan: from the result it collected (a container that had
+        # exited well: Succeeded) or as worker_lost and retried; either way once.
+        for deploy_id in running_a:
+            types = [e["type"] for e in await env.events(deploy_id)]
+            assert types.count("Succeeded") == 1 and types.count("Started") <= 2, types
+        assert b.poll() is None
 
 
 async def _wait_tolerant(env: Env, deploy_id: str, limit: float) -> dict:

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 
 from service import settings as settings_mod
-from service.runners import RunnerError, RunRequest, make_runner
-from service.runners._common import LineSplitter
-from service.runners.docker import SECRETS_FILE, TF_DIR, DockerRunner
+from service.runners import RunnerError, RunRequest, make_runner, steps_for
+from service.runners.docker import DockerRunner
+from service.runners.docker_archive import LAYOUT
 from service.runners.local import LocalRunner
+from service.runners.output import LineCutter
 
 IMAGE = os.environ.get("TFDEPLOY_TEST_RUNNER_IMAGE", "local/terraform:1.11.4")
 
@@ -113,9 +114,8 @@ def docker_client():
 
 def make_settings(tmp_path: Path, **overrides):
     overrides.setdefault("max_concurrency", 4)
-    return settings_mod.from_env(
-        {}, runner_image=IMAGE, runner_network="none", data_dir=str(tmp_path), **overrides
-    )
+    overrides.setdefault("runner_network", "none")
+    return settings_mod.from_env({}, runner_image=IMAGE, data_dir=str(tmp_path), **overrides)
 
 
 def unique_service() -> str:
@@ -170,13 +170,18 @@ async def run_tf(
     files,
     *,
     action="apply",
+    steps=None,
     state=None,
+    lock_file=None,
+    saved_plan=None,
+    providers=None,
     variables=None,
     secrets=None,
     timeout=120.0,  # noqa: ASYNC109 - the RunRequest's timeout, not this call's
     cancel=None,
     on_line=None,
     deploy_id=None,
+    **limits,
 ) -> Run:
     if isinstance(files, str):
         files = {"main.tf": files}
@@ -184,12 +189,16 @@ async def run_tf(
         deploy_id=deploy_id or f"d-{secrets_token()}",
         attempt=1,
         workspace="ws",
-        action=action,
+        steps=steps if steps is not None else steps_for(action),
         files=files,
         state=state,
+        lock_file=lock_file,
+        saved_plan=saved_plan,
+        providers=providers,
         variables=variables or {},
         secrets=secrets or {},
         timeout=timeout,
+        **limits,
     )
     lines: list[tuple[str, str]] = []
 
@@ -476,7 +485,7 @@ variable "token" {{
 resource "terraform_data" "t" {{
   input = sha256(var.token)
   provisioner "local-exec" {{
-    command = "test -e {SECRETS_FILE} && echo secrets-file-present || echo secrets-file-gone; echo token-length=$${{#TF_VAR_token}}"
+    command = "test -e {LAYOUT.secrets} && echo secrets-file-present || echo secrets-file-gone; echo token-length=$${{#TF_VAR_token}}"
   }}
 }}
 """
@@ -484,7 +493,7 @@ resource "terraform_data" "t" {{
         deploy_id="dep-123",
         attempt=2,
         workspace="prod",
-        action="apply",
+        steps=steps_for("apply"),
         files={"main.tf": config},
         variables={"region": "kr-1"},
         secrets={"token": secret},
@@ -496,11 +505,20 @@ resource "terraform_data" "t" {{
         assert secret not in dumped
         assert "docker.sock" not in dumped
         assert info["State"]["Status"] == "created"
-        assert info["Config"]["Labels"] == {
+        labels = info["Config"]["Labels"]
+        assert {k: v for k, v in labels.items() if k not in ("tfdeploy.steps", "tfdeploy.place")} == {
             "tfdeploy.service": service,
             "tfdeploy.deploy": "dep-123",
             "tfdeploy.attempt": "2",
+            "tfdeploy.run": "1",
             "tfdeploy.workspace": "prod",
+        }
+        assert [s["name"] for s in json.loads(labels["tfdeploy.steps"])["steps"]] == [
+            "init", "validate", "apply"
+        ]
+        # The engine keeps a bounded copy of the output: a flood cannot fill its disk.
+        assert info["HostConfig"]["LogConfig"] == {
+            "Type": "local", "Config": {"max-size": "4m", "max-file": "2"}
         }
         assert info["Config"]["Image"] == IMAGE
         assert info["Config"]["User"] == "65534:65534"
@@ -521,7 +539,7 @@ resource "terraform_data" "t" {{
         assert [m["Type"] for m in info["Mounts"]] == ["volume"]
         volume = info["Mounts"][0]["Name"]
         # The deploy's directory holds the deploy's files only; the secret is not among them.
-        chunks, _ = docker_client.api.get_archive(slot.container_id, TF_DIR)
+        chunks, _ = docker_client.api.get_archive(slot.container_id, LAYOUT.config)
         with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
             names = sorted(m.name for m in tar if m.isfile())
             contents = b"".join(tar.extractfile(m).read() for m in tar if m.isfile())
@@ -584,7 +602,7 @@ async def test_leftover_container_counts_against_cap(docker_client, tmp_path):
             deploy_id="after-crash",
             attempt=1,
             workspace="w",
-            action="apply",
+            steps=steps_for("apply"),
             files={"main.tf": WEB},
         )
         acquiring = asyncio.create_task(runner.acquire_slot(request))
@@ -610,7 +628,7 @@ async def test_leftover_container_counts_against_cap(docker_client, tmp_path):
 async def test_cancelled_acquire_leaves_nothing(docker_client, tmp_path):
     runner = DockerRunner(make_settings(tmp_path, max_concurrency=1), service_name=unique_service())
     request = RunRequest(
-        deploy_id="x", attempt=1, workspace="w", action="apply", files={"main.tf": WEB}
+        deploy_id="x", attempt=1, workspace="w", steps=steps_for("apply"), files={"main.tf": WEB}
     )
     slot = await runner.acquire_slot(request)
     waiting = asyncio.create_task(runner.acquire_slot(request))
@@ -635,7 +653,7 @@ async def test_missing_image_is_a_runner_error(docker_client, tmp_path):
     with pytest.raises(RunnerError, match="no-such-image"):
         await runner.acquire_slot(
             RunRequest(
-                deploy_id="x", attempt=1, workspace="w", action="apply", files={"main.tf": WEB}
+                deploy_id="x", attempt=1, workspace="w", steps=steps_for("apply"), files={"main.tf": WEB}
             )
         )
     await runner.close()
@@ -647,22 +665,59 @@ def test_make_runner(docker_client, tmp_path):
     docker_runner = make_runner(make_settings(tmp_path, runner="docker"))
     assert isinstance(docker_runner, DockerRunner)
     assert docker_runner.label_filter == "tfdeploy.service=tfdeploy"
-    request = RunRequest(deploy_id="d", attempt=3, workspace="w", action="destroy", files={})
+    request = RunRequest(deploy_id="d", attempt=3, workspace="w", steps=steps_for("destroy"), files={})
     config = docker_runner.container_config(request)
-    assert config["labels"] == {
-        "tfdeploy.service": "tfdeploy",
-        "tfdeploy.deploy": "d",
-        "tfdeploy.attempt": "3",
-        "tfdeploy.workspace": "w",
-    }
-    assert config["command"] == ["destroy"]
+    assert config["labels"]["tfdeploy.service"] == "tfdeploy"
+    assert (config["labels"]["tfdeploy.deploy"], config["labels"]["tfdeploy.attempt"]) == ("d", "3")
+    script = config["entrypoint"][2]
+    assert "terraform destroy -auto-approve" in script and "terraform apply" not in script
     assert make_runner(make_settings(tmp_path)).name == "docker"  # an engine answers
 
 
-def test_make_runner_falls_back_to_local_without_an_engine(tmp_path, monkeypatch):
+def test_without_an_engine_up_falls_back_to_local_loudly_and_a_worker_refuses(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
-    runner = make_runner(make_settings(tmp_path))
+    with pytest.raises(RunnerError, match="no Docker engine answers"):
+        make_runner(make_settings(tmp_path))  # tfdeploy worker
+    runner = make_runner(make_settings(tmp_path), local_fallback=True)  # tfdeploy up
     assert isinstance(runner, LocalRunner)
+    assert "LOCAL runner" in capsys.readouterr().err
+
+
+def test_a_slow_engine_is_waited_for_not_replaced(tmp_path, monkeypatch):
+    """An engine that accepts the connection but is slow to answer is still the engine: the
+    worker must not fall back to the local runner (it did, after 3 s)."""
+    import socket
+    import threading
+
+    path = tmp_path / "slow.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])  # and never answer
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{path}")
+    try:
+        from service.runners import docker_status
+
+        assert docker_status(timeout=0.5) == "slow"
+        assert make_runner(make_settings(tmp_path)).name == "docker"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
 
 
 # -- local only -----------------------------------------------------------------------------
@@ -680,7 +735,7 @@ async def test_local_slot_held_by_another_process(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         assert await runner.running() == 1
         request = RunRequest(
-            deploy_id="x", attempt=1, workspace="w", action="apply", files={"main.tf": WEB}
+            deploy_id="x", attempt=1, workspace="w", steps=steps_for("apply"), files={"main.tf": WEB}
         )
         acquiring = asyncio.create_task(runner.acquire_slot(request))
         await asyncio.sleep(1)
@@ -692,7 +747,7 @@ async def test_local_slot_held_by_another_process(tmp_path):
         assert result.exit_code == 0
         # Terraform ended, but the attempt is not concluded: place and state are both kept ...
         assert await runner.running() == 1
-        assert (slot.root / "config" / "terraform.tfstate").exists()
+        assert (slot.config_dir / "terraform.tfstate").exists()
         await slot.release()
         assert await runner.running() == 0  # ... until release
         assert not slot.root.exists()  # the private temp dir is gone
@@ -718,7 +773,7 @@ def hold_lock_in_another_process(path: Path) -> subprocess.Popen:
 
 
 def test_line_splitter():
-    s = LineSplitter()
+    s = LineCutter()
     assert s.feed(b"a\r\nb") == ["a"]
     assert s.feed("ü\nc".encode()[:1]) == []
     assert s.feed("ü\nc".encode()[1:]) == ["bü"]
@@ -740,7 +795,7 @@ async def test_docker_container_stopped_from_outside_is_runner_lost(docker_clien
         deploy_id=f"d-{secrets_token()}",
         attempt=1,
         workspace="w",
-        action="apply",
+        steps=steps_for("apply"),
         files={"main.tf": A_THEN_B.replace("echo b fails; exit 3", "echo b-slow; sleep 60")},
     )
     slot = await runner.acquire_slot(request)
@@ -766,3 +821,343 @@ async def test_docker_container_stopped_from_outside_is_runner_lost(docker_clien
     finally:
         await slot.release()
         await runner.close()
+
+
+# -- why a step failed: the classifier over terraform 1.11's own messages --------------------
+
+# Captured from terraform 1.11.4 offline (the live test below makes them again).
+REAL = {
+    "unknown provider, no network": ("init", "network", """
+Error: Failed to query available provider packages
+
+Could not retrieve the list of available versions for provider
+hashicorp/nosuchprovider: could not connect to registry.terraform.io: failed
+to request discovery document: Get
+"https://registry.terraform.io/.well-known/terraform.json": dial tcp: lookup
+registry.terraform.io on 10.255.255.53:53: dial udp 10.255.255.53:53:
+connect: network is unreachable
+"""),
+    "registry module, no network": ("init", "network", """
+Error: Error accessing remote module registry
+
+  on main.tf line 1:
+   1: module "m" { source = "hashicorp/consul/aws" }
+
+Failed to retrieve available versions for module "m" (main.tf:1) from
+registry.terraform.io: failed to request discovery document: Get
+"https://registry.terraform.io/.well-known/terraform.json": dial tcp: lookup
+registry.terraform.io on 10.255.255.53:53: dial udp 10.255.255.53:53:
+connect: network is unreachable.
+"""),
+    "git module, no DNS": ("init", "network", """
+Error: Failed to download module
+
+  on main.tf line 1:
+   1: module "m" { source = "git::https://example.com/repo.git" }
+
+Could not download module "m" (main.tf:1) source code from
+"git::https://example.com/repo.git": error downloading
+'https://example.com/repo.git': /usr/bin/git exited with 128: Cloning into
+'.terraform/modules/m'...
+fatal: unable to access 'https://example.com/repo.git/': Could not resolve
+host: example.com
+"""),
+    "mirror refused": ("init", "network", """
+Error: Failed to query available provider packages
+
+Could not retrieve the list of available versions for provider
+hashicorp/null: failed to query provider mirror https://127.0.0.1:1/ for
+registry.terraform.io/hashicorp/null: the request failed after 2 attempts,
+please try again later: Get
+"https://127.0.0.1:1/registry.terraform.io/hashicorp/null/index.json": dial
+tcp 127.0.0.1:1: connect: connection refused
+"""),
+    "mirror TLS": ("init", "network", """
+Error: Failed to query available provider packages
+
+Could not retrieve the list of available versions for provider
+hashicorp/null: failed to query provider mirror https://localhost:18443/ for
+registry.terraform.io/hashicorp/null: the request failed, please try again
+later: Get
+"https://localhost:18443/registry.terraform.io/hashicorp/null/index.json":
+tls: failed to verify certificate: x509: certificate relies on legacy Common
+Name field, use SANs instead
+"""),
+    "unknown provider, mirror only": ("init", "config", """
+Error: Failed to query available provider packages
+
+Could not retrieve the list of available versions for provider
+hashicorp/nosuchprovider: provider
+registry.terraform.io/hashicorp/nosuchprovider was not found in any of the
+search locations
+
+  - /tmp/tfmsg-mirror
+"""),
+    "no matching version": ("init", "config", """
+Error: Failed to query available provider packages
+
+Could not retrieve the list of available versions for provider
+hashicorp/null: no available releases match the given constraints >= 3.0.0
+"""),
+    "invalid provider source": ("init", "config", """
+Error: Terraform encountered problems during initialisation, including problems
+with the configuration, described below.
+
+The Terraform configuration must be valid before initialization so that
+Terraform can determine which modules and providers need to be installed.
+
+
+Error: Invalid provider source string
+
+  on main.tf line 3, in terraform:
+   3:     x = { source = "a/b/c/d" }
+
+The "source" attribute must be in the format "[hostname/][namespace/]name"
+"""),
+    "missing local module": ("init", "config", """
+Error: Unreadable module directory
+
+Unable to evaluate directory symlink: lstat nope: no such file or directory
+
+Error: Unreadable module directory
+
+The directory  could not be read for module "m" at main.tf:1.
+"""),
+    "invalid syntax": ("init", "config", """
+Error: Terraform encountered problems during initialisation, including problems
+with the configuration, described below.
+
+Error: Invalid expression
+
+  on main.tf line 2, in resource "terraform_data" "x":
+   2:   input =
+   3: }
+
+Expected the start of an expression, but found an invalid expression token.
+"""),
+    "validate": ("validate", "config", """
+Error: Unsupported argument
+
+  on main.tf line 2, in resource "terraform_data" "x":
+   2:   bogus = 1
+
+An argument named "bogus" is not expected here.
+"""),
+    "apply error": ("apply", "other", """
+Error: local-exec provisioner error
+
+  with terraform_data.bad,
+  on main.tf line 3, in resource "terraform_data" "bad":
+   3:   provisioner "local-exec" {
+
+Error running command 'echo about to fail; exit 3': exit status 3. Output:
+about to fail
+"""),
+    "apply, provider API away": ("apply", "network", """
+Error: creating server: Post "https://api.example.com/v2/servers": dial tcp: lookup
+api.example.com: no such host
+"""),
+    "init, both kinds": ("init", "config", """
+Error: Invalid provider source string
+
+The "source" attribute must be in the format "[hostname/][namespace/]name"
+
+Error: Failed to query available provider packages
+
+could not connect to registry.terraform.io: dial tcp: i/o timeout
+"""),
+}
+
+
+@pytest.mark.parametrize("case", list(REAL))
+def test_classifier_over_real_messages(case):
+    from service.runners.diagnostics import classify
+
+    step, kind, text = REAL[case]
+    assert classify(step, text) == kind
+
+
+LIVE = {
+    # Without a network, the registry cannot say the provider does not exist: network.
+    "unknown provider, no network": ({}, """
+terraform {
+  required_providers {
+    nosuch = { source = "hashicorp/nosuchprovider" }
+  }
+}
+""", "network"),
+    "unknown provider, mirror only": ({"mirror": True}, """
+terraform {
+  required_providers {
+    nosuch = { source = "hashicorp/nosuchprovider" }
+  }
+}
+""", "config"),
+    "no matching version": ({"mirror": True}, """
+terraform {
+  required_providers {
+    null = { source = "hashicorp/null", version = ">= 3.0" }
+  }
+}
+""", "config"),
+    "refused mirror": ({"refused": True}, """
+terraform {
+  required_providers {
+    null = { source = "hashicorp/null" }
+  }
+}
+""", "network"),
+    "invalid provider source": ({}, """
+terraform {
+  required_providers {
+    x = { source = "a/b/c/d" }
+  }
+}
+""", "config"),
+    "missing local module": ({}, 'module "m" { source = "./nope" }\n', "config"),
+    "invalid syntax": ({}, 'resource "terraform_data" "x" {\n  input =\n}\n', "config"),
+}
+
+
+@pytest.mark.parametrize("case", list(LIVE))
+def test_classifier_over_messages_made_now_by_terraform(case, tmp_path):
+    """The same messages, made by the real binary offline: a proxy that refuses stands for no
+    network; an (empty) filesystem mirror is the only source where the case needs one."""
+    if not shutil.which("terraform"):
+        pytest.skip("terraform is not on PATH")
+    from service.runners.diagnostics import classify
+
+    opts, config, kind = LIVE[case]
+    (tmp_path / "main.tf").write_text(config)
+    mirror = tmp_path / "mirror" / "registry.terraform.io" / "hashicorp" / "null" / "2.1.2" / "linux_amd64"
+    mirror.mkdir(parents=True)
+    (mirror / "terraform-provider-null_v2.1.2_x4").write_text("#!/bin/sh\n")
+    rc = tmp_path / "cli.tfrc"
+    if opts.get("mirror"):
+        rc.write_text(f'provider_installation {{\n  filesystem_mirror {{ path = "{tmp_path}/mirror" }}\n}}\n')
+    elif opts.get("refused"):
+        rc.write_text('provider_installation {\n  network_mirror { url = "https://127.0.0.1:1/" }\n}\n')
+    else:
+        rc.write_text("")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CHECKPOINT_DISABLE": "1",
+           "TF_CLI_CONFIG_FILE": str(rc), "HTTPS_PROXY": "http://127.0.0.1:1",
+           "HTTP_PROXY": "http://127.0.0.1:1"}
+    proc = subprocess.run(["terraform", "init", "-input=false", "-no-color"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    assert classify("init", proc.stderr) == kind, proc.stderr
+
+
+async def test_a_failed_step_is_named_and_classified(runner):
+    invalid = await run_tf(runner, 'resource "terraform_data" "x" {\n  bogus = 1\n}\n')
+    assert invalid.result.failed_step == "validate"
+    assert invalid.result.failure_kind == "config"
+    assert "Unsupported argument" in invalid.result.diagnostics
+    assert invalid.result.steps_done == ["init"]
+    module = await run_tf(runner, 'module "m" { source = "./nope" }\n')
+    assert (module.result.failed_step, module.result.failure_kind) == ("init", "config")
+    assert "Unreadable module directory" in module.result.diagnostics
+    # No network (network "none"): the registry cannot be reached.
+    offline = await run_tf(runner, LIVE["unknown provider, no network"][1])
+    assert (offline.result.failed_step, offline.result.failure_kind) == ("init", "network")
+    failing = await run_tf(runner, FAILING)
+    assert (failing.result.failed_step, failing.result.failure_kind) == ("apply", "other")
+    assert failing.result.steps_done == ["init", "validate"]
+    for run in (invalid, module, offline, failing):  # the step records are not output
+        assert "::tfdeploy-step-" not in run.text
+
+
+# -- steps and artifacts --------------------------------------------------------------------
+
+
+async def test_plan_show_and_apply_the_saved_plan(runner):
+    from service.runners import Step
+
+    planned = await run_tf(runner, WEB, action="plan")
+    result = planned.result
+    assert result.ok, planned.text
+    assert result.steps_done == ["init", "validate", "plan", "show_plan"]
+    assert result.plan_changes is True
+    assert result.plan and result.plan.startswith(b"PK")  # a saved plan is a zip
+    changes = json.loads(result.plan_json)["resource_changes"]
+    assert [(c["address"], c["change"]["actions"]) for c in changes] == [
+        ("terraform_data.web", ["create"])
+    ]
+    assert result.state is None  # a plan changes no state
+    assert "creating web" not in planned.text
+
+    applied = await run_tf(runner, WEB, saved_plan=result.plan,
+                           steps=[Step(name="init"), Step(name="apply_plan")])
+    assert applied.result.ok, applied.text
+    assert "creating web" in applied.text
+    assert list(applied.resources()) == ["terraform_data.web"]
+
+    # The same plan against the state it made is stale: refused, nothing done twice.
+    stale = await run_tf(runner, WEB, state=applied.result.state, saved_plan=result.plan,
+                         steps=[Step(name="init"), Step(name="apply_plan")])
+    assert stale.result.failed_step == "apply_plan"
+    assert "Saved plan is stale" in stale.result.diagnostics
+    assert "creating web" not in stale.text
+
+    destroy = await run_tf(runner, WEB, state=applied.result.state, steps=[
+        Step(name="init"), Step(name="plan", destroy=True, detailed_exitcode=True),
+        Step(name="show_plan")])
+    assert destroy.result.ok, destroy.text
+    changes = json.loads(destroy.result.plan_json)["resource_changes"]
+    assert [c["change"]["actions"] for c in changes] == [["delete"]]
+
+
+async def test_a_plan_without_changes_is_not_a_failure(runner):
+    first = await run_tf(runner, WEB)
+    again = await run_tf(runner, WEB, state=first.result.state, action="plan")
+    assert again.result.ok and again.result.plan_changes is False
+
+
+async def test_the_lock_file_goes_in_and_comes_back(runner):
+    lock = b'# This file is maintained automatically by "terraform init".\n'
+    run = await run_tf(runner, WEB, lock_file=lock)
+    assert run.result.ok, run.text
+    assert run.result.lock_file == lock
+
+
+async def test_invalid_step_lists_are_refused(runner):
+    from service.runners import Step
+
+    for steps in ([], [Step(name="init"), Step(name="apply_plan")], [Step(name="apply", destroy=True)]):
+        with pytest.raises(RunnerError):
+            await run_tf(runner, WEB, steps=steps)
+    assert await runner.running() == 0
+
+
+async def test_a_provider_setup_is_applied_read_only(kind, tmp_path):
+    """The ProviderSetup's mounts appear read-only at their in-run paths, its CLI config is
+    the run's TF_CLI_CONFIG_FILE, its environment reaches terraform."""
+    from service.runners import ProviderSetup
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "marker.txt").write_text("from-the-mirror")
+    os.chmod(mirror, 0o755)
+    os.chmod(mirror / "marker.txt", 0o644)
+    setup = ProviderSetup(
+        mounts={"/tfdeploy/providers/mirror": str(mirror)},
+        cli_config='provider_installation {\n  filesystem_mirror { path = "/tfdeploy/providers/mirror" }\n  direct {}\n}\n',
+        env={"TFDEPLOY_TEST_MIRROR": "/tfdeploy/providers/mirror"},
+    )
+    config = """
+resource "terraform_data" "p" {
+  provisioner "local-exec" {
+    command = "cat $TFDEPLOY_TEST_MIRROR/marker.txt; echo; grep -c filesystem_mirror $TF_CLI_CONFIG_FILE; touch $TFDEPLOY_TEST_MIRROR/x 2>/dev/null && echo WRITABLE || echo read-only"
+  }
+}
+"""
+    runner = new_runner(kind, make_settings(tmp_path / "data"))
+    try:
+        run = await run_tf(runner, config, providers=setup)
+    finally:
+        await runner.close()
+    assert run.result.ok, run.text
+    assert "(local-exec): from-the-mirror" in run.text
+    assert "(local-exec): 1" in run.text
+    assert "(local-exec): read-only" in run.text and "(local-exec): WRITABLE" not in run.text
+    assert not (mirror / "x").exists()

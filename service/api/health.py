@@ -219,7 +219,8 @@ class HealthController(Controller):
             status="ok" if ok else "unavailable",
             database="ok" if ok else "unreachable",
             state_store=services.settings.state_store,
-            runner=services.settings.runner,
+            # The runner this process's worker uses (tfdeploy up), else the one configured.
+            runner=services.extras.get("runner") or services.settings.runner,
         )
         return Response(body, status_code=200 if ok else 503)
 

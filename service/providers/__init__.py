@@ -43,7 +43,7 @@ from service.providers.requirements import (
     parse_lock_file,
     render_lock_file,
 )
-from service.runners.base import PROVIDERS_ROOT, ProviderSetup, RunRequest
+from service.runners.base import PROVIDERS_ROOT, ProviderSetup
 from service.settings import Settings
 from service.validation import HCL_PARSE_BUDGET
 
@@ -198,28 +198,21 @@ class Providers:
     # ---------------------------------------------------------------- RunRequest fields
 
     async def run_inputs(self, files: dict[str, str], kept_lock: str | None) -> dict[str, Any]:
-        """The RunRequest fields for a run of ``files``: ``files``, and -- with runners that
-        take them (``RunRequest.lock_file``/``providers``) -- the lock file and the
-        ProviderSetup. The lock file is the deploy's own ``.terraform.lock.hcl``, else the
-        workspace's kept one (``kept_lock``). Runners without a ``lock_file`` field get it as
-        a file."""
+        """The RunRequest fields for a run of ``files``: the files (without a lock file), the
+        lock file the run uses -- the deploy's own ``.terraform.lock.hcl``, else the workspace's
+        kept one (``kept_lock``), with the hashes of cached packages added -- and the
+        ProviderSetup."""
         from service.lockfiles import lock_for_run
 
-        lock = lock_for_run(files, kept_lock)
-        fields = RunRequest.__struct_fields__
-        out: dict[str, Any] = {}
-        if "providers" in fields:
-            prepared = await self.setup(files, lock)
-            lock = prepared.lock_file
-            out["providers"] = prepared.setup
-            for note in prepared.notes:
-                log.info("providers: %s", note)
-        if "lock_file" in fields:
-            out["lock_file"] = lock
-            out["files"] = {k: v for k, v in files.items() if k != LOCK_FILE_NAME}
-        else:
-            out["files"] = files if lock is None else {**files, LOCK_FILE_NAME: lock}
-        return out
+        prepared = await self.setup(files, lock_for_run(files, kept_lock))
+        for note in prepared.notes:
+            log.info("providers: %s", note)
+        lock = prepared.lock_file
+        return {
+            "files": {k: v for k, v in files.items() if k != LOCK_FILE_NAME},
+            "lock_file": lock.encode() if lock is not None else None,
+            "providers": prepared.setup,
+        }
 
     # ---------------------------------------------------------------- the cache
 

@@ -1,19 +1,21 @@
-"""Pieces shared by the runners: request validation, line splitting, a thread helper."""
+"""Pieces shared by the runners: request validation, the watchdog, a thread helper, and how
+a run's end becomes a RunResult (``finish_result``)."""
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import PurePosixPath
 from typing import Any, Protocol, TypeVar
 
-from service.runners.base import LineSink, RunnerError, RunRequest, RunResult
+from service.runners.base import STATE_STEPS, RunnerError, RunRequest, RunResult
+from service.runners.diagnostics import classify
+from service.runners.output import RunOutput, StepRecord
+from service.runners.statecheck import state_shape_problem
 
 log = logging.getLogger("tfdeploy.runner")
 
@@ -24,16 +26,27 @@ VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 # What a POSIX shell can ``export``.
 SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-ERROR_LINES = 20  # how many trailing output lines make up RunResult.error
 DEFAULT_GRACE = 10.0  # seconds between SIGINT and SIGKILL
+LOCK_FILE_LIMIT = 1024 * 1024  # .terraform.lock.hcl taken back from a run
+PLAN_FACTOR = 4  # a plan file / plan JSON may be this many times max_state_bytes
 
 
 def validate_request(request: RunRequest) -> None:
-    """Reject what could escape the working directory or break the environment."""
-    if request.action not in ("apply", "destroy"):
-        raise RunnerError(f"unknown action {request.action!r}")
+    """Reject what could escape the working directory, break the environment, or make no
+    sense as a run."""
+    if not request.steps:
+        raise RunnerError("a run needs at least one step")
+    names = [s.name for s in request.steps]
+    for i, step in enumerate(request.steps):
+        if (step.destroy or step.detailed_exitcode) and step.name != "plan":
+            raise RunnerError(f"step {step.name}: destroy/detailed_exitcode are plan options")
+        planned = "plan" in names[:i] or request.saved_plan is not None
+        if step.name in ("show_plan", "apply_plan") and not planned:
+            raise RunnerError(f"step {step.name} needs a plan step before it or a saved plan")
     if request.timeout <= 0:
         raise RunnerError("timeout must be positive")
+    if request.max_output_bytes <= 0 or request.max_state_bytes <= 0:
+        raise RunnerError("output and state limits must be positive")
     for name in request.files:
         safe_relative_path(name)
     for kind, mapping in (("variable", request.variables), ("secret", request.secrets)):
@@ -60,60 +73,12 @@ def tf_var_env(request: RunRequest, *, secrets: bool = True) -> dict[str, str]:
     return env
 
 
-class LineSplitter:
-    """Bytes in, complete text lines out (UTF-8, undecodable bytes replaced, no line ends)."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buf = ""
-
-    def feed(self, data: bytes) -> list[str]:
-        self._buf += self._decoder.decode(data)
-        if "\n" not in self._buf:
-            return []
-        *lines, self._buf = self._buf.split("\n")
-        return [line.rstrip("\r") for line in lines]
-
-    def flush(self) -> list[str]:
-        rest = self._buf + self._decoder.decode(b"", final=True)
-        self._buf = ""
-        return [rest.rstrip("\r")] if rest else []
-
-
-class OutputTail:
-    """The last lines of output, for RunResult.error."""
-
-    def __init__(self, size: int = ERROR_LINES) -> None:
-        self.all: deque[str] = deque(maxlen=size)
-        self.stderr: deque[str] = deque(maxlen=size)
-
-    def add(self, stream: str, line: str) -> None:
-        if stream == "system":
-            return
-        self.all.append(line)
-        if stream == "stderr":
-            self.stderr.append(line)
-
-    def error(self) -> str:
-        lines = self.stderr if any(x.strip() for x in self.stderr) else self.all
-        return "\n".join(lines).strip()
-
-
-async def emit(on_line: LineSink, stream: str, line: str) -> None:
-    """Forward a line; a failing sink must not break the run."""
-    try:
-        await on_line(stream, line)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("line sink failed")
-
-
 class StopFlags(Protocol):
     """Why a run was stopped, as the watchdog found it."""
 
     timed_out: bool
     interrupted: bool
+    output_limited: bool
 
 
 async def stop_on_cancel_or_timeout(
@@ -124,19 +89,31 @@ async def stop_on_cancel_or_timeout(
     interrupt: Callable[[], Awaitable[None]],
     kill: Callable[[], Awaitable[None]],
     grace: float = DEFAULT_GRACE,
+    output_limit: asyncio.Event | None = None,
 ) -> None:
-    """The runners' watchdog: when ``cancel`` is set or ``limit`` seconds passed, note why,
-    ``interrupt()`` (SIGINT: terraform stops gracefully and writes its state), and if the run
-    is still going ``grace`` seconds later (the caller cancels this task when it ends),
-    ``kill()``. Run it as a task; it returns after the kill."""
+    """The runners' watchdog: when ``cancel`` is set, ``limit`` seconds passed or the output
+    limit was hit, note why, ``interrupt()`` (SIGINT: terraform stops gracefully and writes its
+    state), and if the run is still going ``grace`` seconds later (the caller cancels this
+    task when it ends), ``kill()``. Run it as a task; it returns after the kill."""
+    waits = [asyncio.ensure_future(cancel.wait())]
+    if output_limit is not None:
+        waits.append(asyncio.ensure_future(output_limit.wait()))
     try:
-        await asyncio.wait_for(cancel.wait(), limit)
+        done, _ = await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if cancel.is_set():
         flags.interrupted = True
         why = "cancel requested"
-    except TimeoutError:
+    elif output_limit is not None and output_limit.is_set():
+        flags.output_limited = True
+        why = "output limit reached"  # RunOutput said so already, with the figure
+    else:
         flags.timed_out = True
         why = f"timed out after {limit:g}s"
-    await say("system", f"{why}: interrupting terraform (SIGINT)")
+    if why != "output limit reached":
+        await say("system", f"{why}: interrupting terraform (SIGINT)")
     await interrupt()
     await asyncio.sleep(grace)
     await say("system", f"terraform still running {grace:g}s after SIGINT: killing it")
@@ -189,6 +166,8 @@ def cancelled_before_start(request: RunRequest, started: float) -> RunResult:
         exit_code=130,
         state=request.state,
         interrupted=True,
+        failed_step=request.steps[0].name,
+        failure_kind="other",
         error="cancelled before start",
         duration=time.monotonic() - started,
     )
@@ -197,3 +176,105 @@ def cancelled_before_start(request: RunRequest, started: float) -> RunResult:
 def exit_code_of(returncode: int) -> int:
     """A subprocess return code as a shell would report it (killed by signal N -> 128+N)."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+class Artifacts:
+    """What a run left, read with the file checks (statecheck): the raw state or why it was
+    refused, and the other artifacts (None where absent or refused, with notes)."""
+
+    def __init__(self) -> None:
+        self.state: bytes | None = None
+        self.state_refused: str | None = None
+        self.plan: bytes | None = None
+        self.plan_json: bytes | None = None
+        self.lock_file: bytes | None = None
+        self.notes: list[str] = []
+
+
+def check_state(
+    request: RunRequest, record: StepRecord, artifacts: Artifacts
+) -> tuple[bytes | None, str | None, bytes | None]:
+    """(state, state_problem, rejected_state) for a run's end: the state must be there once a
+    state-writing step completed, or once one began from a start state (terraform never
+    removes a state it started from); if there, a regular file within the cap with a tfstate's
+    shape."""
+    if artifacts.state_refused is not None:
+        return None, f"terraform.tfstate refused: {artifacts.state_refused}", None
+    content = artifacts.state
+    if content is None:
+        completed = any(s in STATE_STEPS for s in record.done)
+        began = record.current in STATE_STEPS or record.failed in STATE_STEPS
+        if completed or (began and request.state is not None):
+            return None, "terraform left no terraform.tfstate", None
+        return None, None, None
+    shape = state_shape_problem(content)
+    if shape is not None:
+        return None, f"terraform.tfstate refused: {shape}", content
+    return content, None, None
+
+
+def finish_result(
+    request: RunRequest,
+    *,
+    exit_code: int,
+    record: StepRecord,
+    artifacts: Artifacts,
+    diagnostics: dict[str, str],
+    error: str,
+    started: float,
+    timed_out: bool = False,
+    interrupted: bool = False,
+    output_limited: bool = False,
+    runner_lost: bool = False,
+    output_bytes: int = 0,
+) -> RunResult:
+    """The RunResult of a run that ended (or was given up), from its step record and what it
+    left. A state that fails the checks is a ``state_problem``, whatever the exit code."""
+    state, problem, rejected = check_state(request, record, artifacts)
+    failed = record.failed_step(exit_code)
+    if runner_lost and failed is None:
+        failed = record.current or request.steps[-1].name
+    diag = diagnostics.get(failed, "") if failed else ""
+    kind = classify(failed, diag or error) if failed else None
+    return RunResult(
+        exit_code=exit_code,
+        state=state,
+        state_problem=problem,
+        rejected_state=rejected,
+        failed_step=failed,
+        failure_kind=kind,
+        diagnostics=diag,
+        plan=artifacts.plan,
+        plan_json=artifacts.plan_json,
+        plan_changes=record.plan_changes,
+        lock_file=artifacts.lock_file,
+        steps_done=list(record.done),
+        timed_out=timed_out,
+        interrupted=interrupted,
+        runner_lost=runner_lost,
+        output_limited=output_limited,
+        output_bytes=output_bytes,
+        error=error if exit_code != 0 or failed or problem else "",
+        duration=time.monotonic() - started,
+    )
+
+
+__all__ = [
+    "DEFAULT_GRACE",
+    "LOCK_FILE_LIMIT",
+    "PLAN_FACTOR",
+    "SHELL_NAME",
+    "Artifacts",
+    "RunOutput",
+    "StepRecord",
+    "StopFlags",
+    "cancelled_before_start",
+    "check_state",
+    "exit_code_of",
+    "finish_result",
+    "in_thread",
+    "safe_relative_path",
+    "stop_on_cancel_or_timeout",
+    "tf_var_env",
+    "validate_request",
+]

@@ -1,99 +1,106 @@
-"""The local runner: terraform on this host, in a private temporary directory per attempt.
+"""The local runner: terraform on this host, one sandbox (service/runners/sandbox.py) and one
+private temporary directory per run.
 
-The cap is ``max_concurrency`` lock files ``slot-<i>.lock`` under ``<data dir>/local-slots``:
-holding an exclusive ``flock`` on one is holding a slot. The kernel drops the locks of a process
-that dies, so a crash leaks nothing, and every runner on the host (any process) shares the cap.
+The cap: a place is an ``flock`` (service/runners/local_places.py). The locked descriptor is
+the stdin of a small holder process that starts the sandbox and waits for it; the worker keeps
+its own copy. So the place is held while terraform runs -- also after the worker died (the
+holder and the sandbox live on in their own session) -- and until the worker has recorded the
+outcome; code in the sandbox never holds the descriptor.
 
-Orphans: terraform runs in its own process group and writes its output to files in the run's
-temp dir (tailed into the log), not to pipes, so it survives the death of the worker that
-started it (a pipe would kill it with SIGPIPE at its next line). Before it starts, a record
-``<data dir>/local-runs/<deploy>-a<attempt>.json`` names the process group and the temp dir
-(and, once terraform ended, its exit code). ``run()`` gives the place under the cap back when
-terraform ends; the temp dir and the record stay until ``release()``, which the deployer calls
-once the state is persisted and the outcome recorded. After a crash, ``collect_orphan`` (called
-by the recovery of another worker on the same host, ``service/recovery.py``) interrupts the
-group if it still runs (SIGINT, grace, SIGKILL) and reads the state terraform left.
+Orphans: terraform's output goes to files in the run's temp dir (tailed into the log), not to
+pipes, so a dead worker's pipes do not kill it with SIGPIPE. Before the run starts, a record
+``<data dir>/local-runs/<deploy>-a<attempt>-r<run>.json`` names the process group, the
+sandbox's pid 1 and the temp dir (and, once terraform ended, its exit code). ``run()`` keeps the
+temp dir and the record until ``release()``, which the deployer calls once the state is
+persisted and the outcome recorded. After a crash, ``collect_orphan`` (called by the recovery
+of another worker on the same host, ``service/recovery.py``) interrupts the run if it still
+goes (SIGINT, grace, SIGKILL) and reads what it left.
+
+Without a working bubblewrap the runner refuses to start, unless
+``TFDEPLOY_LOCAL_UNSANDBOXED=true``: then terraform runs as the service's user in the temp dir
+with a minimal environment, and every run's log says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.runners import sandbox
 from service.runners._common import (
     DEFAULT_GRACE,
-    LineSplitter,
-    OutputTail,
     cancelled_before_start,
-    emit,
     exit_code_of,
-    safe_relative_path,
+    finish_result,
+    in_thread,
     stop_on_cancel_or_timeout,
     tf_var_env,
     validate_request,
 )
-from service.runners.base import LineSink, RunnerError, RunRequest, RunResult
+from service.runners.base import (
+    LineSink,
+    Reservation,
+    RunnerError,
+    RunRequest,
+    RunResult,
+    Slot,
+)
+from service.runners.local_files import prepare_dir, read_artifacts, read_child_pid, tail_file
+from service.runners.local_orphans import RunRecords, collect, find_sandbox_pid
+from service.runners.local_places import LocalPlace, LocalPlaces
+from service.runners.output import RunOutput
+from service.runners.script import (
+    FORWARD_IN_NAMESPACE,
+    Layout,
+    build_script,
+    new_marker,
+)
 from service.settings import Settings
 
 log = logging.getLogger("tfdeploy.runner.local")
 
-# In-process wake-ups: slots dir -> events of the waiters there. Other processes' releases are
-# noticed by polling (a short, growing backoff).
-_waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
-POLL_MIN, POLL_MAX = 0.05, 0.5
-
-# The only variables of the service's own environment that terraform gets (besides PATH):
-# where terraform's CLI config, provider cache and CA certificates are, and the HTTP proxy
-# (provider downloads). Everything else, the service's secrets included, stays out.
-PASS_THROUGH = (
-    "TF_CLI_CONFIG_FILE",
-    "TF_PLUGIN_CACHE_DIR",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
+# Variables of the service's own environment that terraform may get (besides what the runner
+# sets): certificates and proxies (provider downloads), and the operator's CLI config when the
+# run has no ProviderSetup. Everything else, the service's secrets included, stays out.
+PASS_THROUGH = ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                "http_proxy", "https_proxy", "no_proxy")
+PATH_VALUED = {"TF_CLI_CONFIG_FILE", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+UNSANDBOXED_NOTE = (
+    "WARNING: this run is NOT sandboxed (TFDEPLOY_LOCAL_UNSANDBOXED=true): terraform runs as "
+    "the service's user and can read what that user can"
 )
-PATH_VALUED = {"TF_CLI_CONFIG_FILE", "TF_PLUGIN_CACHE_DIR", "SSL_CERT_FILE", "SSL_CERT_DIR"}
-
-
-def _notify(slots_dir: str) -> None:
-    for loop, event in list(_waiters.get(slots_dir, ())):
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(event.set)
 
 
 @dataclass(eq=False)
 class LocalSlot:
     runner: LocalRunner
     request: RunRequest
-    index: int
-    lock_fd: int
-    root: Path  # private temp dir (mode 700): config/ (terraform's cwd) and home/
+    place: LocalPlace
+    root: Path  # private temp dir: sandbox/ (the run's own dir), stdout, stderr
     _released: bool = field(default=False, repr=False)
 
     @property
-    def config_dir(self) -> Path:
-        return self.root / "config"
+    def run_dir(self) -> Path:
+        return self.root / "sandbox"
 
     @property
-    def home_dir(self) -> Path:
-        return self.root / "home"
+    def host_layout(self) -> Layout:
+        return Layout(str(self.run_dir))
+
+    @property
+    def config_dir(self) -> Path:
+        return self.run_dir / "config"
 
     async def release(self) -> None:
         """Remove the temp dir and run record, then give the place under the cap back (called
@@ -104,264 +111,204 @@ class LocalSlot:
         try:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, self.root, True))
             with contextlib.suppress(OSError):
-                self.runner.run_record(self.request.deploy_id, self.request.attempt).unlink()
+                self.runner.run_record(self.request).unlink()
         finally:
-            os.close(self.lock_fd)
-            _notify(self.runner.slots_dir_key)
+            await self.place.release()
 
 
 @dataclass
 class _Current:
     proc: asyncio.subprocess.Process | None = None
-    stopping: bool = False
+    sandbox_pid: int | None = None
     timed_out: bool = False
     interrupted: bool = False
-
-    def signal(self, sig: int) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
+    output_limited: bool = False
 
 
 class LocalRunner:
     name = "local"
 
     def __init__(
-        self, settings: Settings, *, terraform: str | None = None, grace: float = DEFAULT_GRACE
+        self,
+        settings: Settings,
+        *,
+        terraform: str | None = None,
+        grace: float = DEFAULT_GRACE,
+        use_sandbox: bool = True,
     ) -> None:
+        """Refuses (RunnerError) without a working sandbox unless the settings allow an
+        unsandboxed runner; ``use_sandbox=False`` asks for one (tests, benchmarks) and needs
+        the same setting."""
         self.settings = settings
         self.grace = grace
-        self.terraform = (
-            terraform or os.environ.get("TFDEPLOY_TERRAFORM") or shutil.which("terraform")
+        found = terraform or os.environ.get("TFDEPLOY_TERRAFORM") or shutil.which("terraform")
+        self.terraform = os.path.realpath(found) if found else None
+        self.places = LocalPlaces(settings.data_path / "local-slots", settings.max_concurrency)
+        self.records = RunRecords(settings.data_path / "local-runs")
+        self.network_none = settings.runner_network == "none"
+        self.bwrap = sandbox.bwrap_path()
+        problem = "sandbox not wanted" if not use_sandbox else (
+            "bubblewrap (bwrap) is not installed" if self.bwrap is None
+            else sandbox.probe(self.bwrap, self.network_none)
         )
-        self.slots_dir = settings.data_path / "local-slots"
-        self.slots_dir_key = str(self.slots_dir)
-        self.runs_dir = settings.data_path / "local-runs"
+        self.sandboxed = problem is None
+        self.sandbox_problem = problem
+        if not self.sandboxed:
+            if not settings.local_unsandboxed:
+                raise RunnerError(
+                    "the local runner needs a working bubblewrap sandbox and has none "
+                    f"({problem}); install bubblewrap, or set TFDEPLOY_LOCAL_UNSANDBOXED=true "
+                    "to run terraform unsandboxed as the service's user"
+                )
+            log.warning("local runner: %s", UNSANDBOXED_NOTE)
 
-    # -- orphans --------------------------------------------------------------------------
+    # -- the cap --------------------------------------------------------------------------
 
-    def run_record(self, deploy_id: str, attempt: int) -> Path:
-        safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", deploy_id)[:80]
-        return self.runs_dir / f"{safe}-a{attempt}.json"
+    async def running(self) -> int:
+        """Places held on this host, by any process (orphaned terraform runs included)."""
+        return await asyncio.to_thread(self.places.count)
 
-    def _write_record(self, slot: LocalSlot, pgid: int, exit_code: int | None = None) -> None:
-        self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.run_record(slot.request.deploy_id, slot.request.attempt)
-        tmp = path.with_suffix(".tmp")
+    async def reserve(self, *, within: Slot | None = None) -> LocalPlace:
+        if isinstance(within, LocalSlot) and not within._released:
+            return within.place.share()  # the attempt's place, still held
+        return await self.places.reserve()
+
+    async def prepare(self, reservation: Reservation, request: RunRequest) -> LocalSlot:
+        if not isinstance(reservation, LocalPlace):
+            raise TypeError("LocalRunner.prepare needs a LocalPlace from its reserve")
+        try:
+            validate_request(request)
+            if not self.terraform or not os.access(self.terraform, os.X_OK):
+                raise RunnerError("terraform not found (put it on PATH or set TFDEPLOY_TERRAFORM)")
+            try:
+                # Cancelled meanwhile, the directory made is removed when the thread is done.
+                root = await in_thread(self._prepare_dir, request,
+                                       orphan=lambda made: shutil.rmtree(made, True))
+            except OSError as exc:
+                raise RunnerError(f"could not prepare the run's directory: {exc}") from exc
+        except BaseException:
+            await reservation.release()
+            raise
+        return LocalSlot(self, request, reservation, root)
+
+    async def acquire_slot(self, request: RunRequest) -> LocalSlot:
+        return await self.prepare(await self.reserve(), request)
+
+    def _prepare_dir(self, request: RunRequest) -> Path:
+        return prepare_dir(request, sandboxed=self.sandboxed)
+
+    # -- run records (orphans) -------------------------------------------------------------
+
+    def run_record(self, request: RunRequest) -> Path:
+        return self.records.path(request.deploy_id, request.attempt, request.run)
+
+    def _write_record(self, slot: LocalSlot, current: _Current, exit_code: int | None = None) -> None:
+        if current.proc is None:
+            return
+        request = slot.request
         record: dict[str, Any] = {
-            "deploy_id": slot.request.deploy_id,
-            "attempt": slot.request.attempt,
-            "pgid": pgid,
+            "deploy_id": request.deploy_id,
+            "attempt": request.attempt,
+            "run": request.run,
+            "pgid": current.proc.pid,
+            "sandbox_pid": current.sandbox_pid,
+            "sandboxed": self.sandboxed,
             "root": str(slot.root),
             "worker_pid": os.getpid(),
+            "steps": [{"name": s.name, "destroy": s.destroy,
+                       "detailed_exitcode": s.detailed_exitcode} for s in request.steps],
+            "start_state": request.state is not None,
+            "max_state_bytes": request.max_state_bytes,
         }
         if exit_code is not None:  # terraform ended: a recoverer reports its real outcome
             record["exit_code"] = exit_code
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
-
-    async def collect_orphan(self, deploy_id: str, attempt: int) -> RunResult | None:
-        """Take over the terraform run a dead worker left on this host: interrupt its process
-        group if it still runs (SIGINT, grace, SIGKILL) and read the state it left. None when
-        there is no record (another host, or it never started). The temp dir is kept: call
-        ``discard_orphan`` once the outcome is recorded. The exit code of a process
-        that is not our child is unknown: reported as 130 (a failed attempt; the next one
-        starts from the state read here)."""
-        path = self.run_record(deploy_id, attempt)
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        pgid, root = int(record["pgid"]), Path(record["root"])
-        recorded = record.get("exit_code")
-        # Ended on record: its group id may belong to someone else by now, never signal it.
-        was_running = not isinstance(recorded, int) and _group_alive(pgid)
-        if was_running:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGINT)
-            deadline = time.monotonic() + self.grace
-            while _group_alive(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 - not our child: poll
-                await asyncio.sleep(0.2)
-            if _group_alive(pgid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-                deadline = time.monotonic() + 30
-                while _group_alive(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.2)
-        state = await asyncio.to_thread(_read_or_none, root / "config" / "terraform.tfstate")
-        tail = await asyncio.to_thread(_tail_text, root)
-        if isinstance(recorded, int):
-            # Terraform had ended and its exit code was recorded: the dead worker only missed
-            # persisting the state and recording the outcome.
-            return RunResult(
-                exit_code=recorded,
-                state=state,
-                error="" if recorded == 0 else f"worker lost after terraform ended\n{tail}".strip(),
-            )
-        # The temp dir stays until the caller (recovery) recorded the outcome and calls
-        # discard_orphan: a recoverer that dies here leaves it for the next one.
-        what = "interrupted" if was_running else "it had ended"
-        return RunResult(
-            exit_code=130,
-            state=state,
-            error=f"worker lost while terraform ran ({what})\n{tail}".strip(),
-        )
-
-    async def discard_orphan(self, deploy_id: str, attempt: int) -> None:
-        """Remove a dead worker's temp dir and record for (deploy, attempt), if any."""
-        path = self.run_record(deploy_id, attempt)
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        root = Path(record.get("root", ""))
-        if root.name.startswith("tfdeploy-run-"):
-            await asyncio.to_thread(shutil.rmtree, root, True)
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-    # -- slots ----------------------------------------------------------------------------
-
-    def _slot_path(self, i: int) -> Path:
-        return self.slots_dir / f"slot-{i}.lock"
-
-    def _try_lock(self) -> tuple[int, int] | None:
-        self.slots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for i in range(self.settings.max_concurrency):
-            fd = os.open(self._slot_path(i), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            return i, fd
-        return None
-
-    async def running(self) -> int:
-        """Slots held on this host, by any process (probed with a shared non-blocking lock)."""
-
-        def count() -> int:
-            held = 0
-            for i in range(self.settings.max_concurrency):
-                path = self._slot_path(i)
-                if not path.exists():
-                    continue
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    held += 1
-                finally:
-                    os.close(fd)
-            return held
-
-        return await asyncio.to_thread(count)
-
-    async def acquire_slot(self, request: RunRequest) -> LocalSlot:
-        validate_request(request)
-        if not self.terraform or not os.access(self.terraform, os.X_OK):
-            raise RunnerError("terraform not found (put it on PATH or set TFDEPLOY_TERRAFORM)")
-        loop = asyncio.get_running_loop()
-        event = asyncio.Event()
-        waiter = (loop, event)
-        waiters = _waiters.setdefault(self.slots_dir_key, set())
-        waiters.add(waiter)
-        delay = POLL_MIN
-        try:
-            while True:
-                event.clear()
-                try:
-                    got = self._try_lock()
-                except OSError as exc:
-                    raise RunnerError(
-                        f"cannot use the slot locks in {self.slots_dir}: {exc}"
-                    ) from exc
-                if got is not None:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), delay)
-                delay = min(delay * 2, POLL_MAX)
-        finally:
-            waiters.discard(waiter)
-        index, fd = got
-        try:
-            root = await asyncio.to_thread(_prepare, request)
-        except BaseException:
-            os.close(fd)
-            _notify(self.slots_dir_key)
-            raise
-        return LocalSlot(self, request, index, fd, root)
+        self.records.write(request, record)
 
     # -- the run --------------------------------------------------------------------------
 
-    def _env(self, slot: LocalSlot) -> dict[str, str]:
-        """A minimal environment: nothing of the service's own (its secrets) is inherited."""
+    def _hidden(self) -> list[str]:
+        """Host paths a sandbox must not see even where they lie under a bound root."""
+        hidden = [str(self.settings.data_path), *sandbox.DEFAULT_SOCKET_DIRS, sys.prefix,
+                  str(Path(__file__).resolve().parents[2]), tempfile.gettempdir()]
+        url = self.settings.database_url or ""
+        hidden += re.findall(r"host=(/[^&\s]+)", url)
+        return hidden
+
+    def _env(self, slot: LocalSlot) -> tuple[dict[str, str], list[str]]:
+        """A minimal environment (nothing of the service's own), and the host files the
+        sandbox must bind for it."""
+        request = slot.request
+        inside = Layout(sandbox.RUN_ROOT) if self.sandboxed else slot.host_layout
         env = {
-            "PATH": os.environ.get("PATH") or os.defpath,
-            "HOME": str(slot.home_dir),
-            "TMPDIR": str(slot.home_dir),
+            "PATH": sandbox.PATH if self.sandboxed else (os.environ.get("PATH") or os.defpath),
+            "HOME": inside.home,
+            "TMPDIR": "/tmp" if self.sandboxed else inside.home,
             "LANG": "C.UTF-8",
             "CHECKPOINT_DISABLE": "1",
             "TF_IN_AUTOMATION": "1",
         }
-        for name in PASS_THROUGH:
+        binds: list[str] = []
+        names = PASS_THROUGH if request.providers else (*PASS_THROUGH, "TF_CLI_CONFIG_FILE")
+        for name in names:
             value = os.environ.get(name)
-            if value and (name not in PATH_VALUED or os.path.exists(value)):
-                env[name] = value
-        env.update(tf_var_env(slot.request))
-        return env
+            if not value or (name in PATH_VALUED and not os.path.exists(value)):
+                continue
+            env[name] = value
+            if name in PATH_VALUED:
+                binds.append(value)
+        setup = request.providers
+        if setup is not None:
+            if not self.sandboxed:
+                setup = setup.with_host_paths()
+            env.update(setup.env)
+            env["TF_CLI_CONFIG_FILE"] = inside.cli_config
+        env.update(tf_var_env(request))
+        return env, binds
 
     async def run(self, slot: Any, on_line: LineSink, cancel: asyncio.Event) -> RunResult:
         if not isinstance(slot, LocalSlot):
-            raise TypeError("LocalRunner.run needs a LocalSlot from its acquire_slot")
+            raise TypeError("LocalRunner.run needs a LocalSlot from its prepare")
         request = slot.request
         started = time.monotonic()
-        tail = OutputTail()
         current = _Current()
-        emit_lock = asyncio.Lock()
-
-        async def say(stream: str, line: str) -> None:
-            async with emit_lock:
-                tail.add(stream, line)
-                await emit(on_line, stream, line)
-
+        limit_hit = asyncio.Event()
+        marker = new_marker()
+        out = RunOutput(on_line, request.steps, max_bytes=request.max_output_bytes,
+                        marker=marker + " ", on_limit=limit_hit.set)
+        if not self.sandboxed:
+            await out.say("system", UNSANDBOXED_NOTE)
+        if cancel.is_set():
+            await out.say("system", "cancelled before terraform started")
+            return cancelled_before_start(request, started)
         watchdog: asyncio.Task[None] | None = None
         try:
-            if cancel.is_set():
-                await say("system", "cancelled before terraform started")
-                return cancelled_before_start(request, started)
-            env = self._env(slot)
-            watchdog = asyncio.create_task(self._watchdog(current, request.timeout, cancel, say))
-            exit_code = 0
-            for args in (
-                ["init", "-input=false", "-no-color"],
-                [request.action, "-auto-approve", "-input=false", "-no-color"],
-            ):
-                if current.stopping:
-                    exit_code = 130
-                    break
-                exit_code = await self._run_one(args, slot, env, say, current)
-                if exit_code != 0:
-                    break
+            exit_code = await self._start(slot, out, current, marker)
+            watchdog = asyncio.create_task(
+                stop_on_cancel_or_timeout(
+                    request.timeout, cancel, current, out.say,
+                    interrupt=lambda: self._signal(current, signal.SIGINT),
+                    kill=lambda: self._signal(current, signal.SIGKILL),
+                    grace=self.grace, output_limit=limit_hit,
+                )
+            )
+            exit_code = await self._follow(slot, out, current)
             watchdog.cancel()
-            state_path = slot.config_dir / "terraform.tfstate"
-            state = await asyncio.to_thread(_read_or_none, state_path)
-            if current.proc is not None:
-                try:
-                    await asyncio.to_thread(self._write_record, slot, current.proc.pid, exit_code)
-                except OSError as exc:
-                    log.warning("could not record the end of %s: %s", request.deploy_id, exc)
-            return RunResult(
-                exit_code=exit_code,
-                state=state,
-                timed_out=current.timed_out,
-                interrupted=current.interrupted,
-                error=tail.error() if exit_code != 0 else "",
-                duration=time.monotonic() - started,
+            await out.finish()
+            if not out.record.began and exit_code != 0 and not (
+                current.interrupted or current.timed_out or current.output_limited
+            ):
+                raise RunnerError(f"the run did not start (exit {exit_code}): {out.tail.error()}")
+            artifacts = await asyncio.to_thread(read_artifacts, slot.host_layout, request,
+                                                out.record)
+            for note in artifacts.notes:
+                await out.say("system", note)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self._write_record, slot, current, exit_code)
+            return finish_result(
+                request, exit_code=exit_code, record=out.record, artifacts=artifacts,
+                diagnostics=out.diagnostics, error=out.tail.error(), started=started,
+                timed_out=current.timed_out, interrupted=current.interrupted,
+                output_limited=current.output_limited, output_bytes=out.total,
             )
         except OSError as exc:
             raise RunnerError(f"could not run terraform: {exc}") from exc
@@ -369,159 +316,110 @@ class LocalRunner:
             if watchdog is not None:
                 watchdog.cancel()
             if current.proc is not None and current.proc.returncode is None:
-                current.signal(signal.SIGKILL)  # cancelled from outside: leave nothing behind
-            # The place under the cap, the temp dir (the state) and the run record are all kept
-            # until the caller's release(), after the outcome is recorded: a slot spans the whole
+                # Cancelled from outside (the job task): leave nothing running.
+                await self._signal(current, signal.SIGKILL)
+            # The place, the temp dir (the state) and the run record are all kept until the
+            # caller's release(), after the outcome is recorded: a slot spans the whole
             # attempt, so the cap can be checked exactly from the events (Started .. outcome).
 
-    async def _run_one(
-        self, args: list[str], slot: LocalSlot, env: dict[str, str], say: Any, current: _Current
-    ) -> int:
-        assert self.terraform
-        # Output goes to files (tailed below), not pipes: terraform must outlive a dead worker.
-        paths = {name: slot.root / f"{args[0]}.{name}" for name in ("stdout", "stderr")}
-        fds = {
-            name: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            for name, path in paths.items()
-        }
+    async def _start(self, slot: LocalSlot, out: RunOutput, current: _Current, marker: str) -> int:
+        """Start the run's process tree; returns 0 (the exit code comes from ``_follow``)."""
+        request = slot.request
+        env, binds = self._env(slot)
+        inside = Layout(sandbox.RUN_ROOT) if self.sandboxed else slot.host_layout
+        # Sandboxed, only its pid 1 gets SIGINT and passes it on; unsandboxed, the whole
+        # process group gets it (terraform included), so the script need not.
+        forward = FORWARD_IN_NAMESPACE if self.sandboxed else ":"
+        script = build_script(request.steps, inside, marker=marker, forward=forward,
+                              secrets_file=False)
+        paths = {name: slot.root / name for name in ("stdout", "stderr")}
+        fds = {name: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+               for name, p in paths.items()}
+        info_r = info_w = -1
         try:
-            proc = await asyncio.create_subprocess_exec(
-                self.terraform,
-                *args,
-                cwd=slot.config_dir,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=fds["stdout"],
-                stderr=fds["stderr"],
-                start_new_session=True,  # its own process group, for SIGINT to it and its children
-            )
+            if self.sandboxed:
+                assert self.bwrap is not None and self.terraform is not None
+                info_r, info_w = os.pipe()
+                mounts = dict(request.providers.mounts) if request.providers else {}
+                args = sandbox.HOLDER + sandbox.command(
+                    bwrap=self.bwrap, run_dir=str(slot.run_dir), terraform=self.terraform,
+                    script=script, info_fd=info_w, network_none=self.network_none,
+                    mounts=mounts, extra_files=binds, hidden=self._hidden(),
+                    drop_to=sandbox.sandbox_user(),
+                )
+                current.proc = await asyncio.create_subprocess_exec(
+                    *args, stdin=slot.place.fd, stdout=fds["stdout"], stderr=fds["stderr"],
+                    env=env, pass_fds=(info_w,), start_new_session=True,
+                )
+            else:
+                env["PATH"] = f"{os.path.dirname(self.terraform or '')}:{env['PATH']}"
+                current.proc = await asyncio.create_subprocess_exec(
+                    "/bin/sh", "-c", script, "tfdeploy-run",
+                    stdin=asyncio.subprocess.DEVNULL, stdout=fds["stdout"],
+                    stderr=fds["stderr"], env=env, pass_fds=(slot.place.fd,),
+                    cwd=slot.run_dir, start_new_session=True,
+                )
         finally:
             for fd in fds.values():
                 os.close(fd)
-        current.proc = proc
+            if info_w >= 0:
+                os.close(info_w)
         try:
-            await asyncio.to_thread(self._write_record, slot, proc.pid)
+            await asyncio.to_thread(self._write_record, slot, current)
+            if info_r >= 0:
+                current.sandbox_pid = await read_child_pid(info_r)
+                info_r = -1
+                await asyncio.to_thread(self._write_record, slot, current)
         except OSError as exc:
-            log.warning("could not record the run of %s: %s", slot.request.deploy_id, exc)
-        if current.stopping:  # stopped while it was being started
-            current.signal(signal.SIGINT)
-        ended = asyncio.Event()
-        pumps = asyncio.gather(*(_tail(path, name, say, ended) for name, path in paths.items()))
-        try:
-            returncode = await proc.wait()
+            log.warning("could not record the run of %s: %s", request.deploy_id, exc)
         finally:
-            # Whatever terraform left in its group (a provisioner's stray child) goes too.
-            current.signal(signal.SIGKILL)
+            if info_r >= 0:
+                os.close(info_r)
+        return 0
+
+    async def _follow(self, slot: LocalSlot, out: RunOutput, current: _Current) -> int:
+        assert current.proc is not None
+        ended = asyncio.Event()
+        tails = asyncio.gather(
+            *(tail_file(slot.root / name, name, out, ended) for name in ("stdout", "stderr"))
+        )
+        try:
+            returncode = await current.proc.wait()
+        finally:
             ended.set()
             try:
-                await asyncio.wait_for(asyncio.shield(pumps), 5)
+                await asyncio.wait_for(asyncio.shield(tails), 30)
             except TimeoutError:
-                pumps.cancel()
+                tails.cancel()
         return exit_code_of(returncode)
 
-    async def _watchdog(
-        self, current: _Current, limit: float, cancel: asyncio.Event, say: Any
-    ) -> None:
-        async def interrupt() -> None:
-            current.stopping = True  # no next command (apply after init) starts
-            current.signal(signal.SIGINT)
+    async def _signal(self, current: _Current, sig: int) -> None:
+        proc = current.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if sig == signal.SIGINT and self.sandboxed:
+                # pid 1 of the sandbox passes it on to everything in it. (Never the group: bwrap
+                # itself would die of it, and the run look ended while terraform still writes.)
+                if current.sandbox_pid is None:
+                    current.sandbox_pid = find_sandbox_pid(proc.pid)
+                if current.sandbox_pid is not None:
+                    os.kill(current.sandbox_pid, sig)
+            else:
+                os.killpg(proc.pid, sig)
 
-        async def kill() -> None:
-            current.signal(signal.SIGKILL)
+    # -- a dead worker's run --------------------------------------------------------------
 
-        await stop_on_cancel_or_timeout(
-            limit, cancel, current, say, interrupt=interrupt, kill=kill, grace=self.grace
-        )
+    async def collect_orphan(self, deploy_id: str, attempt: int) -> RunResult | None:
+        """Take over the latest run of (deploy, attempt) a dead worker left on this host
+        (``local_orphans.collect``). Its temp dir stays until ``discard_orphan``."""
+        return await collect(self.records, deploy_id, attempt, self.grace)
+
+    async def discard_orphan(self, deploy_id: str, attempt: int) -> None:
+        """Remove a dead worker's temp dirs and records for (deploy, attempt), if any."""
+        await self.records.discard(deploy_id, attempt)
 
     async def close(self) -> None:
         return None
 
 
-TAIL_POLL = 0.05
-
-
-async def _tail(path: Path, name: str, say: Any, ended: asyncio.Event) -> None:
-    """Follow an output file until the process ended and the file is read to its end."""
-    splitter = LineSplitter()
-    with open(path, "rb") as f:  # noqa: ASYNC230 - small non-blocking reads of a local file
-        while True:
-            data = f.read(65536)
-            if data:
-                for line in splitter.feed(data):
-                    await say(name, line)
-                continue
-            if ended.is_set():
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), TAIL_POLL)
-    for line in splitter.flush():
-        await say(name, line)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie leader (its parent died and nobody reaped it yet) counts as gone.
-    try:
-        with open(f"/proc/{pgid}/stat", "rb") as f:
-            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
-                return _other_members(pgid)
-    except OSError:
-        pass
-    return True
-
-
-def _other_members(pgid: int) -> bool:
-    """Whether a live (non-zombie) process other than the leader is in group ``pgid``."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == pgid:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[-1].split()
-        except OSError:
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
-
-
-def _tail_text(root: Path, lines: int = 20) -> str:
-    out: list[str] = []
-    for name in ("init.stderr", "apply.stderr", "destroy.stderr", "apply.stdout", "destroy.stdout"):
-        with contextlib.suppress(OSError):
-            out.extend((root / name).read_text(errors="replace").splitlines()[-lines:])
-    return "\n".join(out[-lines:])
-
-
-def _prepare(request: RunRequest) -> Path:
-    root = Path(tempfile.mkdtemp(prefix="tfdeploy-run-"))  # mode 700
-    try:
-        config = root / "config"
-        config.mkdir(mode=0o700)
-        (root / "home").mkdir(mode=0o700)
-        for name, content in request.files.items():
-            path = config / safe_relative_path(name)
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(content)
-        if request.state is not None:
-            fd = os.open(config / "terraform.tfstate", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(request.state)
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    return root
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None

@@ -1,0 +1,136 @@
+"""What comes back from a run is checked before anyone trusts it.
+
+A tfstate must be a regular file (not a link, a FIFO, a device), within
+``RunRequest.max_state_bytes`` -- checked before it is read: the tar member's size for Docker,
+``fstat`` on an ``O_NOFOLLOW`` descriptor locally -- and have a tfstate's shape, parsed safely:
+msgspec with a fixed top-level shape (nested values are skipped, not built), bounded integers,
+and a bounded nesting depth (a RecursionError is a refusal, not a crash). Other artifacts (the
+plan file, its JSON, the lock file) get the same file checks with their own size caps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from typing import Annotated
+
+import msgspec
+
+# Serial and version as terraform writes them; anything beyond int64 is not a tfstate.
+_Int = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_Lineage = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class _Resource(msgspec.Struct):
+    """A resource entry: its identity; instances and attributes are skipped (Raw)."""
+
+    type: str
+    name: str
+    mode: str = "managed"
+    instances: list[msgspec.Raw] = []
+
+
+class _TfState(msgspec.Struct):
+    """The top of a tfstate (format version 4, what terraform 0.12 and later write)."""
+
+    version: Annotated[int, msgspec.Meta(ge=4, le=4)]
+    serial: _Int
+    lineage: _Lineage
+    terraform_version: str = ""
+    outputs: dict[str, msgspec.Raw] = {}
+    resources: list[_Resource] = []
+    check_results: msgspec.Raw | None = None
+
+
+_DECODER = msgspec.json.Decoder(_TfState)
+
+
+def state_shape_problem(content: bytes) -> str | None:
+    """Why ``content`` is not a tfstate, or None if it is one."""
+    if not content.strip():
+        return "the state file is empty"
+    try:
+        _DECODER.decode(content)
+    except RecursionError:
+        return "the state is nested too deeply"
+    except msgspec.ValidationError as exc:
+        return f"not a tfstate: {exc}"
+    except msgspec.DecodeError as exc:
+        return f"not JSON: {exc}"
+    return None
+
+
+class ArtifactProblem(Exception):
+    """An artifact that failed the file checks (not there is not a problem: None)."""
+
+
+def read_local_artifact(path: str | os.PathLike[str], limit: int) -> bytes | None:
+    """Read a file the run left, refusing links (``O_NOFOLLOW``), anything but a regular file
+    (checked on the opened descriptor, so nothing can be swapped in between), hard links to
+    elsewhere, and sizes over ``limit`` (checked before reading). None if there is no file;
+    ArtifactProblem says why it was refused."""
+    try:
+        # O_NONBLOCK: a FIFO put in its place must not block the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArtifactProblem("it is a symbolic link") from None
+        raise ArtifactProblem(f"it cannot be opened: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactProblem("it is not a regular file")
+        if st.st_nlink != 1:
+            raise ArtifactProblem("it is a hard link")
+        if st.st_size > limit:
+            raise ArtifactProblem(f"it is {st.st_size} bytes, over the limit of {limit}")
+        chunks: list[bytes] = []
+        left = limit + 1  # one byte more: a file that grew after the fstat is still refused
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise ArtifactProblem(f"it grew past the limit of {limit} bytes while read")
+        return data
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# Go's os.FileMode type bits, as Docker reports them in a path's stat (the
+# X-Docker-Container-Path-Stat header of the archive endpoint).
+_GO_TYPE_BITS = {
+    1 << 31: "a directory",
+    1 << 27: "a symbolic link",
+    1 << 26: "a device",
+    1 << 25: "a named pipe",
+    1 << 24: "a socket",
+    1 << 21: "a character device",
+    1 << 19: "not a regular file",
+}
+
+
+def docker_stat_problem(path_stat: dict[str, object], limit: int) -> str | None:
+    """Why a path Docker describes (``get_archive``'s stat) is not an acceptable artifact."""
+    mode = path_stat.get("mode")
+    if not isinstance(mode, int):
+        return "its file mode is unknown"
+    if path_stat.get("linkTarget"):
+        return "it is a symbolic link"
+    for bit, what in _GO_TYPE_BITS.items():
+        if mode & bit:
+            return f"it is {what}"
+    size = path_stat.get("size")
+    if not isinstance(size, int) or size < 0:
+        return "its size is unknown"
+    if size > limit:
+        return f"it is {size} bytes, over the limit of {limit}"
+    return None
