@@ -32,6 +32,11 @@ CREATE TABLE workspace_locks (
 CREATE INDEX deploys_workspace_unfinished ON deploys (workspace_id, created_at, id)
     WHERE status IN ('queued', 'deploying', 'retrying', 'planned');
 
+-- A deploy's live job, by the deploy id in its arguments: the claim asks whether another deploy
+-- of the workspace has one taken, and recovery whether a deploy has one at all.
+CREATE INDEX procrastinate_jobs_deploy_id ON procrastinate_jobs ((args->>'deploy_id'))
+    WHERE status IN ('todo', 'doing');
+
 -- Wake the dispatchers (service/dispatch.py) when a deploy job ends or goes back to the queue,
 -- and when a deploy ends or stops waiting for approval without a job (a planned deploy
 -- discarded or cancelled): a workspace, a user's turn or a place may have become free.
@@ -60,9 +65,8 @@ CREATE TRIGGER events_dispatch_notify
     WHEN (NEW.type IN ('Discarded', 'Cancelled', 'Succeeded', 'Failed'))
     EXECUTE FUNCTION tfdeploy_dispatch_notify();
 
--- The fair claim: take the deploy job that should start next and mark it taken by
--- p_worker_id, as procrastinate_fetch_job_v2 does -- or nothing. Called by a worker only while
--- it holds a free place under its host's cap (a host at its cap takes nothing off the queue).
+-- The fair choice: the deploy job that should start next, or NULL (a pure read: the claim below
+-- takes it; a dispatcher with nothing to run asks first whether there is anything to take).
 --
 -- Which job (CONTRACT, "Deploy lifecycle"): among due jobs of the queue, those that may start
 --   * a speculative plan (action 'plan') may always start: it never waits for its workspace;
@@ -71,18 +75,9 @@ CREATE TRIGGER events_dispatch_notify
 --     run one at a time, in the order they were requested);
 --   * a user with p_max_per_user deploys running waits (NULL: no limit);
 -- the one whose user has the fewest deploys running, then the oldest deploy (FIFO per user).
--- "Running" is a job taken (status doing): waiting for a place, or running terraform.
---
--- Claims are serialised by a transaction-scoped advisory lock: each is a few index lookups
--- over the jobs waiting now, and serialising them keeps the choice exact with any number of
--- workers and hosts (no two claims both see a user at n-1 running, or a workspace free).
-CREATE FUNCTION tfdeploy_claim(p_queue varchar, p_worker_id bigint, p_max_per_user integer)
-RETURNS SETOF procrastinate_jobs
-LANGUAGE plpgsql AS $$
-DECLARE
-    chosen bigint;
-BEGIN
-    PERFORM pg_advisory_xact_lock(7310005);
+-- "Running" is a job taken (status doing): preparing its run, or running terraform.
+CREATE FUNCTION tfdeploy_pick(p_queue varchar, p_max_per_user integer) RETURNS bigint
+LANGUAGE sql STABLE AS $$
     WITH waiting AS (
         SELECT j.id AS job_id, d.id AS deploy_id, d.owner, d.workspace_id, d.action, d.created_at
         FROM procrastinate_jobs j
@@ -97,7 +92,7 @@ BEGIN
         WHERE j.queue_name = p_queue AND j.status = 'doing'
         GROUP BY d.owner
     )
-    SELECT w.job_id INTO chosen
+    SELECT w.job_id
     FROM waiting w
     LEFT JOIN running r ON r.owner = w.owner
     WHERE (p_max_per_user IS NULL OR coalesce(r.n, 0) < p_max_per_user)
@@ -112,10 +107,28 @@ BEGIN
               AND ((o.created_at, o.id) < (w.created_at, w.deploy_id)
                    OR o.status = 'planned'
                    OR EXISTS (SELECT FROM procrastinate_jobs oj
-                              WHERE oj.queue_name = p_queue AND oj.status = 'doing'
+                              WHERE oj.status = 'doing'
                                 AND oj.args->>'deploy_id' = o.id::text)))))
     ORDER BY coalesce(r.n, 0), w.created_at, w.deploy_id, w.job_id
     LIMIT 1;
+$$;
+
+-- The fair claim: take the job tfdeploy_pick chooses and mark it taken by p_worker_id, as
+-- procrastinate_fetch_job_v2 does -- or nothing. Called by a worker only while it holds a free
+-- place under its host's cap (a host at its cap takes nothing off the queue).
+--
+-- Claims are serialised by a transaction-scoped advisory lock: each is a few index lookups
+-- over the jobs waiting now, and serialising them keeps the choice exact with any number of
+-- workers and hosts (no two claims both see a user at n-1 running, or a workspace free). The
+-- CLI's LOCK takes the same lock (service/api/tfstate.py), so a lock and a claim never cross.
+CREATE FUNCTION tfdeploy_claim(p_queue varchar, p_worker_id bigint, p_max_per_user integer)
+RETURNS SETOF procrastinate_jobs
+LANGUAGE plpgsql AS $$
+DECLARE
+    chosen bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7310005);
+    chosen := tfdeploy_pick(p_queue, p_max_per_user);
     IF chosen IS NULL THEN
         RETURN;
     END IF;

@@ -370,13 +370,19 @@ class Deployer:
                     cancel.set()
 
     async def conclude_recovered(
-        self, deploy_id: str, request: RunRequest, result: RunResult, note: str
+        self,
+        deploy_id: str,
+        request: RunRequest,
+        result: RunResult,
+        note: str,
+        lost: str = "worker_lost",
     ) -> None:
         """Conclude an attempt whose worker died (``service/recovery.py``): the same path as a
-        normal outcome, with ``worker_lost`` as the failure reason (unless the run's state
-        itself is refused: ``state_invalid``)."""
+        normal outcome, with ``lost`` as the failure reason (``worker_lost``; ``runner_lost``
+        for an attempt whose job vanished under it), unless the run's state itself is refused
+        (``state_invalid``)."""
         writer = LogWriter(self.pool, deploy_id, request.attempt, Masker(request.secrets))
-        reason = "state_invalid" if result.state_problem is not None else "worker_lost"
+        reason = "state_invalid" if result.state_problem is not None else lost
         try:
             await writer.line("system", note)
             await self.conclude(deploy_id, request, result, reason, writer)
@@ -450,7 +456,9 @@ class Deployer:
                 state=persisted,
                 # A lost or stopped worker is no reason to back off: the next attempt may start
                 # at once; a stopped one's attempt is not the deploy's fault and is not counted.
-                retry_delay=0.0 if reason in ("worker_lost", "worker_stopped") else self.settings.retry_delay,
+                retry_delay=0.0
+                if reason in ("worker_lost", "worker_stopped", "runner_lost")
+                else self.settings.retry_delay,
                 counted=not handed_over,
             )
         await writer.flush()

@@ -325,6 +325,23 @@ class Deploys:
             },
         )
 
+    async def requeue(self, deploy_id: str) -> bool:
+        """Queue a job again for a queued deploy that lost its own (recovery: every deploy
+        ends). No event: nothing ran and nothing is spent. False if the deploy is not queued."""
+        async with self.pool.connection() as conn:
+            stream = await store.read_stream(conn, deploy_id)
+            state = fold(e.event for e in stream)
+            if not stream or state.phase != "queued":
+                return False
+            view = await store.get_deploy(conn, deploy_id)
+            key = view.workspace_id if view is not None and view.workspace_id else state.workspace
+            name, params = self._defer_run(
+                deploy_id, state.next_attempt, key, holds=not state.speculative
+            )
+            async with conn.transaction():
+                await conn.execute(q(name), params)
+        return True
+
     # ------------------------------------------------------------ reads
 
     async def get(self, deploy_id: str | UUID) -> DeployView | None:

@@ -34,12 +34,19 @@ from procrastinate import utils as pc_utils
 from procrastinate.jobs import Job, Status
 from psycopg.rows import dict_row
 
+from service.db import autocommit
 from service.queue import QUEUE_NAME, WorkerStopping
+from service.runners.base import RunnerError
 from service.statestores.base import StateStoreError
 
 log = logging.getLogger("tfdeploy.dispatch")
 
 CLAIM = "SELECT * FROM tfdeploy_claim(%(queue)s, %(worker_id)s, %(max_per_user)s)"
+# Anything to take, and when the next retry falls due: a read, no lock, nothing taken.
+PROBE = (
+    "SELECT tfdeploy_pick(%(queue)s, %(max_per_user)s) IS NOT NULL AS ready,"
+    " tfdeploy_next_due(%(queue)s) AS next_due"
+)
 NEXT_DUE = "SELECT tfdeploy_next_due(%(queue)s)"
 CHANNELS = ("tfdeploy_dispatch", f"procrastinate_queue_v1#{QUEUE_NAME}")
 HEARTBEAT = """
@@ -55,9 +62,9 @@ IDLE_FALLBACK = 5.0  # the longest an idle lane sleeps without a notification
 LISTEN_RETRY_MAX = 5.0
 STORE_RETRY_MAX_WAIT = 60  # a job whose state store cannot be read: 2, 4, ... 60 s
 
-# Runs a claimed job with the place the lane holds; returns whether it used the place (a stale
-# job -- cancelled, already run -- does nothing and leaves the place to the lane).
-RunJob = Callable[[Job, Any], Awaitable[bool]]
+# Runs a claimed job in the place the lane holds, and gives the place back when nothing runs
+# (a stale job: cancelled, already run) -- Deployer.handle.
+RunJob = Callable[[Job, Any], Awaitable[None]]
 
 
 def lane_count(cap: int) -> int:
@@ -150,18 +157,45 @@ class Dispatcher:
                 pause = min(pause * 2, LISTEN_RETRY_MAX)
 
     async def _lane(self, index: int) -> None:
+        """Wait until some deploy may start, hold a place (waiting while the host is at its
+        cap), claim, run. A lane holds a place only while it claims and runs: an idle one holds
+        none, so a run that needs a second place (a destroy after the state store refused) is
+        never starved by lanes waiting for work."""
+        pause = 0.5
         while not self._stopping.is_set():
-            reservation = await self._reserve()
+            if not await self._work_waiting():
+                return  # stopping
+            try:
+                reservation = await self._reserve()
+            except RunnerError as exc:
+                # The runner cannot work at all (the engine gone past its wait): the deploy
+                # that should start next fails its attempt with the reason (runner_error, the
+                # budget bounding it) rather than wait for ever (Deployer.handle without a
+                # place tries to reserve one itself and records the failure).
+                log.warning("no place can be reserved (%s)", exc)
+                job = await self._claim_once()
+                if job is not None:
+                    await self._run(job, None)
+                else:
+                    await self._sleep(self.wake.generation, pause)
+                    pause = min(pause * 2, LISTEN_RETRY_MAX)
+                continue
+            pause = 0.5
             if reservation is None:
                 return
-            used = False
+            handed = False  # the place went to the job (which gives it back itself)
             try:
-                job = await self._claim_when_ready()
+                job = await self._claim_once()
                 if job is None:
-                    return  # stopping
-                used = await self._run(job, reservation)
+                    continue  # another lane or host took it first
+                if self._stopping.is_set():
+                    # Taken just as the worker was told to stop: straight back to the queue.
+                    await self._retry(job, 0)
+                    return
+                handed = True
+                await self._run(job, reservation)
             finally:
-                if not used:
+                if not handed:
                     with contextlib.suppress(Exception):
                         await reservation.release()
 
@@ -185,84 +219,86 @@ class Dispatcher:
             await reservation.release()
         return None
 
-    async def _claim_when_ready(self) -> Job | None:
-        """Claim the next job, sleeping while there is none that may start."""
+    async def _work_waiting(self) -> bool:
+        """Sleep until a deploy may start (True), or the worker stops (False). Wakes on the
+        dispatch notifications, at the next retry's due time, and every IDLE_FALLBACK seconds
+        in case a notification was lost."""
         pause = 0.5
         while not self._stopping.is_set():
             seen = self.wake.generation
             try:
-                job, next_due = await self._claim()
+                ready, next_due = await self._probe()
             except (psycopg.Error, OSError) as exc:
-                log.warning("claim failed (%s); again in %.1fs", exc, pause)
-                await self.wake.wait(seen, pause)
+                log.warning("dispatch probe failed (%s); again in %.1fs", exc, pause)
+                await self._sleep(seen, pause)
                 pause = min(pause * 2, LISTEN_RETRY_MAX)
                 continue
             pause = 0.5
-            if job is not None:
-                if self._stopping.is_set():
-                    # Taken just as the worker was told to stop: straight back to the queue.
-                    await self._retry(job, 0)
-                    return None
-                return job
-            timeout = IDLE_FALLBACK
-            if next_due is not None:
-                timeout = max(0.0, min(timeout, next_due))
-            stop = asyncio.create_task(self._stopping.wait())
-            woken = asyncio.create_task(self.wake.wait(seen, timeout))
-            try:
-                await asyncio.wait({stop, woken}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                woken.cancel()
-        return None
+            if ready:
+                return True
+            timeout = IDLE_FALLBACK if next_due is None else max(0.0, min(IDLE_FALLBACK, next_due))
+            await self._sleep(seen, timeout)
+        return False
 
-    async def _claim(self) -> tuple[Job | None, float | None]:
-        """One claim: the job, or None and the seconds until the next retry falls due."""
+    async def _sleep(self, seen: int, within: float) -> None:
+        stop = asyncio.create_task(self._stopping.wait())
+        woken = asyncio.create_task(self.wake.wait(seen, within))
+        try:
+            await asyncio.wait({stop, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            woken.cancel()
+
+    async def _probe(self) -> tuple[bool, float | None]:
+        params = {"queue": QUEUE_NAME, "max_per_user": self.max_per_user}
+        async with autocommit(self.pool) as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(PROBE, params)
+            row = await cur.fetchone()
+        assert row is not None
+        at = row["next_due"]
+        due = None if at is None else max(0.0, (at - pc_utils.utcnow()).total_seconds())
+        return bool(row["ready"]), due
+
+    async def _claim_once(self) -> Job | None:
+        """One claim (its lock is held only while PostgreSQL runs it); None if nothing may start
+        now or the database does not answer (the lane goes back to waiting)."""
         params = {
             "queue": QUEUE_NAME,
             "worker_id": self.worker_id,
             "max_per_user": self.max_per_user,
         }
-        async with self.pool.connection() as conn:
-            await conn.set_autocommit(True)  # one statement, one transaction (the claim lock)
-            try:
-                async with conn.cursor(row_factory=dict_row) as cur:
-                    await cur.execute(CLAIM, params)
-                    row = await cur.fetchone()
-                    if row is not None:
-                        return Job.from_row(row), None
-                    await cur.execute(NEXT_DUE, {"queue": QUEUE_NAME})
-                    due = await cur.fetchone()
-            finally:
-                with contextlib.suppress(psycopg.Error):
-                    await conn.set_autocommit(False)
-        at = due["tfdeploy_next_due"] if due else None
-        if at is None:
-            return None, None
-        return None, max(0.0, (at - pc_utils.utcnow()).total_seconds())
+        try:
+            async with autocommit(self.pool) as conn, conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(CLAIM, params)
+                row = await cur.fetchone()
+        except (psycopg.Error, OSError) as exc:
+            log.warning("claim failed: %s", exc)
+            return None
+        return Job.from_row(row) if row is not None else None
 
-    async def _run(self, job: Job, reservation: Any) -> bool:
+    async def _run(self, job: Job, reservation: Any) -> None:
         assert job.id is not None
         self.busy[job.id] = job
         try:
             try:
-                used = await self.run_job(job, reservation)
+                await self.run_job(job, reservation)
             except WorkerStopping:
                 await self._retry(job, 0)
-                return False
+                return
             except StateStoreError as exc:
                 # Before Started: the workspace's state could not be read. The deploy stays
                 # queued; its job comes back later (2, 4, ... 60 s).
                 wait = min(2 ** (job.attempts + 1), STORE_RETRY_MAX_WAIT)
                 log.warning("job %s: state store unavailable (%s); again in %ss", job.id, exc, wait)
                 await self._retry(job, wait)
-                return False
+                return
             except Exception:
+                # The deploy's outcome may be missing: recovery finds a deploy left without a
+                # live job and concludes it (service/recovery.py).
                 log.exception("job %s (%s) failed", job.id, job.task_kwargs)
                 await self._finish(job, Status.FAILED)
-                return True  # what the place held is the runner's to clean up (recovery)
+                return
             await self._finish(job, Status.SUCCEEDED)
-            return used
         finally:
             self.busy.pop(job.id, None)
 

@@ -17,6 +17,9 @@ from procrastinate.retry import BaseRetryStrategy, RetryDecision
 from service.statestores.base import StateStoreError
 
 QUEUE_NAME = "deploys"
+# procrastinate's own worker runs only this queue: periodic maintenance (service/maintenance.py).
+# Deploy jobs are claimed by the dispatcher (service/dispatch.py), never fetched by it.
+MAINTENANCE_QUEUE = "maintenance"
 TASK_NAME = "tfdeploy.run_deploy"
 
 Handler = Callable[[str, int], Awaitable[None]]

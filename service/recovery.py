@@ -66,6 +66,31 @@ SELECT 1
         OR w.last_heartbeat < now() - make_interval(secs => %(secs)s))
 """
 
+# Every deploy ends (#12): a deploy that is queued, deploying or retrying always has a live job
+# (todo or doing) -- the job is inserted with the event that queues it, and finished only after
+# the outcome is recorded. One without (procrastinate marked its job failed or aborted, or it
+# was deleted) would wait for ever: recovery finds it, ORPHAN_GRACE seconds after its last event
+# (reads that raced an append see it again next scan), and concludes it.
+ORPHANED_DEPLOYS = """
+SELECT d.id::text AS id
+FROM deploys d
+WHERE d.status IN ('queued', 'deploying', 'retrying')
+  AND d.updated_at < now() - make_interval(secs => %(grace)s)
+  AND NOT EXISTS (SELECT FROM procrastinate_jobs j
+                  WHERE j.status IN ('todo', 'doing') AND j.args->>'deploy_id' = d.id::text)
+ORDER BY d.updated_at
+LIMIT %(limit)s
+"""
+STILL_ORPHANED = """
+SELECT 1 FROM deploys d
+WHERE d.id = %(id)s::uuid AND d.status IN ('queued', 'deploying', 'retrying')
+  AND NOT EXISTS (SELECT FROM procrastinate_jobs j
+                  WHERE j.status IN ('todo', 'doing') AND j.args->>'deploy_id' = d.id::text)
+"""
+ORPHAN_GRACE = 5.0
+ORPHANS_PER_SCAN = 50
+ORPHAN_LOCKS = 0x7466_646F  # "tfdo": advisory locks of recovery, keyed by deploy id
+
 KEEP_ALIVE = """
 UPDATE procrastinate_workers w
    SET last_heartbeat = now()
@@ -92,6 +117,7 @@ class Recovery:
         while not stopping.is_set():
             try:
                 await self.scan_once()
+                await self.scan_orphaned()
             except Exception:
                 log.warning("recovery scan failed; next one in %.0fs", SCAN_INTERVAL, exc_info=True)
             with contextlib.suppress(TimeoutError):
@@ -133,6 +159,57 @@ class Recovery:
                 done.append((job.id, outcome))
         return done
 
+    async def scan_orphaned(self) -> list[tuple[str, str]]:
+        """Conclude every deploy left unfinished without a live job; returns (deploy id, what
+        was done) for each acted on."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                ORPHANED_DEPLOYS, {"grace": ORPHAN_GRACE, "limit": ORPHANS_PER_SCAN}
+            )
+            ids = [row[0] for row in await cur.fetchall()]
+        done = []
+        for deploy_id in ids:
+            if deploy_id in self.deployer.active:
+                continue  # it runs here
+            try:
+                outcome = await self.recover_orphaned(deploy_id)
+            except Exception:
+                log.exception("recovery of deploy %s (no live job) failed; will try again", deploy_id)
+                continue
+            if outcome is not None:
+                done.append((deploy_id, outcome))
+        return done
+
+    async def recover_orphaned(self, deploy_id: str) -> str | None:
+        """One deploy without a live job, unless another recoverer holds it or it has one again.
+        Queued: a job is queued for it again (nothing ran, nothing is spent). Running: its run
+        is taken over like a dead worker's and concluded (``runner_lost``): retried while
+        attempts remain."""
+        async with self.pool.connection() as guard, guard.transaction():
+            cur = await guard.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (ORPHAN_LOCKS, deploy_id)
+            )
+            if not (await cur.fetchone())[0]:
+                return None
+            cur = await guard.execute(STILL_ORPHANED, {"id": deploy_id})
+            if await cur.fetchone() is None:
+                return None
+            async with self.pool.connection() as conn:
+                stream = await store.read_stream(conn, deploy_id)
+            state = fold(e.event for e in stream)
+            if state.phase == "queued":
+                await self.deployer.deploys.requeue(deploy_id)
+                log.warning("deploy %s: its job was lost before it started; queued again", deploy_id)
+                return "requeued"
+            if state.phase == "running":
+                await self._conclude_orphan(
+                    deploy_id, state.attempt, state.workspace, state.action, lost="runner_lost",
+                    note="its job was lost while the attempt ran",
+                )
+                log.warning("deploy %s attempt %s: its job was lost; concluded", deploy_id, state.attempt)
+                return "concluded"
+            return None
+
     async def recover(self, job_id: int, deploy_id: str, attempt: int) -> str | None:
         """Take over one stalled job, unless another recoverer holds it or it is no longer
         stalled. Returns what was done, or None."""
@@ -169,7 +246,16 @@ class Recovery:
         log.warning("deploy %s attempt %s: worker lost; job %s %s", deploy_id, attempt, job_id, outcome)
         return outcome
 
-    async def _conclude_orphan(self, deploy_id: str, attempt: int, workspace: str, action: str) -> None:
+    async def _conclude_orphan(
+        self,
+        deploy_id: str,
+        attempt: int,
+        workspace: str,
+        action: str,
+        *,
+        lost: str = "worker_lost",
+        note: str = "worker lost",
+    ) -> None:
         request = await self.deployer.prepare(deploy_id, attempt, workspace, action)
         result: RunResult | None = None
         containers: list[dict[str, Any]] = []
@@ -181,21 +267,21 @@ class Recovery:
                 if collected is not None:
                     result = collected
             note = (
-                f"worker lost: took over its container ({len(containers)} found); "
+                f"{note}: took over its container ({len(containers)} found); "
                 f"exit code {result.exit_code}" if result is not None else
-                "worker lost: no started container of the attempt was found"
+                f"{note}: no started container of the attempt was found"
             )
         else:
             collect = getattr(self.runner, "collect_orphan", None)
             if collect is not None:
                 result = await collect(deploy_id, attempt)
             note = (
-                f"worker lost: took over its terraform process; exit code {result.exit_code}"
-                if result is not None else "worker lost: its terraform run could not be found"
+                f"{note}: took over its terraform process; exit code {result.exit_code}"
+                if result is not None else f"{note}: its terraform run could not be found"
             )
         if result is None:
             result = RunResult(exit_code=-1, state=None, error=note)
-        await self.deployer.conclude_recovered(deploy_id, request, result, note)
+        await self.deployer.conclude_recovered(deploy_id, request, result, note, lost=lost)
         # Only now, with the state persisted and the outcome recorded, does what held the state
         # go: a recoverer that dies before this leaves it to the next one.
         await self._remove_containers(deploy_id, attempt)

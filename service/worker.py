@@ -1,9 +1,12 @@
-"""The worker process: procrastinate's worker running ``Deployer.handle``, supervised.
+"""The worker process: the deploy dispatcher's lanes running ``Deployer.handle``, and
+procrastinate's own worker for the maintenance tasks, both supervised.
 
-procrastinate's worker stops when its database connection drops; the supervisor starts it again
-with a growing pause, so a PostgreSQL restart costs a short pause, not the worker.
+Deploy jobs are taken by ``service/dispatch.py`` (a lane holds a place under the host's cap,
+then claims the fairest job); procrastinate's worker runs only the ``maintenance`` queue (its
+periodic tasks). procrastinate's worker stops when its database connection drops; the
+supervisor starts it again with a growing pause. The dispatcher rides out an outage itself.
 
-Alongside it run the recovery of deploys whose worker died (``service/recovery.py``) and the
+Alongside them run the recovery of deploys whose worker died (``service/recovery.py``) and the
 keep-alive of this process's own jobs' heartbeats.
 """
 
@@ -12,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from service.deployer import Deployer, default_worker_name
-from service.queue import QUEUE_NAME
+from service.dispatch import Dispatcher, lane_count
+from service.queue import MAINTENANCE_QUEUE
 from service.recovery import HEARTBEAT_INTERVAL, STALLED_AFTER, Recovery
 from service.runners import Runner, make_runner
 from service.services import Services
@@ -23,20 +28,6 @@ from service.statestores import StateStore, make_state_store
 log = logging.getLogger("tfdeploy.worker")
 
 RESTART_PAUSE_MAX = 10.0
-# Jobs fetched beyond the cap: they wait in the runner's reserve(), already folded, so a freed
-# place is refilled at once instead of after the ended job's bookkeeping,
-# the next fetch and the next fold (docs/benchmarks.md, cap utilisation). The cap itself is the
-# runner's; these only wait.
-PREFETCH_MAX = 4
-# procrastinate fetches again at once while it finds jobs, and on the NOTIFY of an inserted job;
-# once a fetch found none (the queued jobs' workspaces were busy), a workspace lock released by a
-# job ending is noticed only at this poll -- so keep it short.
-FETCH_POLL_SECONDS = 0.25
-
-
-def queue_concurrency(cap: int) -> int:
-    """Jobs one worker runs at once: the cap plus up to PREFETCH_MAX waiting for a slot."""
-    return cap + min(cap, PREFETCH_MAX)
 
 
 class Worker:
@@ -67,20 +58,37 @@ class Worker:
         )
         services.queue.set_handler(self.deployer.handle)
         self.recovery = Recovery(services.pool, services.queue, self.deployer)
+        self.dispatcher = Dispatcher(
+            pool=services.pool,
+            manager=services.queue.app.job_manager,
+            listen_url=services.database_url,
+            runner=self.runner,
+            run_job=self._run_job,
+            lanes=lane_count(self.settings.max_concurrency),
+            max_per_user=self.settings.max_running_per_user,
+            heartbeat_interval=HEARTBEAT_INTERVAL,
+        )
         self._stopping = asyncio.Event()
         self._grace_timer: asyncio.TimerHandle | None = None
 
+    async def _run_job(self, job: Any, reservation: Any) -> None:
+        """A claimed job, run in the place its lane holds (``handle`` gives the place back
+        when nothing runs)."""
+        kwargs = job.task_kwargs or {}
+        await self.deployer.handle(str(kwargs["deploy_id"]), int(kwargs["attempt"]), reservation)
+
     async def run(self) -> None:
-        """Run until ``stop()``; restart procrastinate's worker whenever it dies.
+        """Run until ``stop()``.
 
         On ``stop()`` no new job is taken; running ones finish, or are handed over when the
         shutdown grace is over (``stop()``'s docstring)."""
         side = [
             asyncio.create_task(self.recovery.run(self._stopping), name="recovery"),
             asyncio.create_task(self.recovery.keep_alive(), name="keep-alive"),
+            asyncio.create_task(self._supervise_maintenance(), name="maintenance"),
         ]
         try:
-            await self._supervise()
+            await self.dispatcher.run(self._stopping)
         finally:
             for task in side:
                 task.cancel()
@@ -88,38 +96,26 @@ class Worker:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def _supervise(self) -> None:
+    async def _supervise_maintenance(self) -> None:
+        """procrastinate's worker on the maintenance queue (periodic tasks), restarted with a
+        growing pause whenever it stops (its database connection dropped)."""
         pause = 0.5
         while not self._stopping.is_set():
-            worker_task = asyncio.create_task(
-                self.services.queue.app.run_worker_async(
-                    queues=[QUEUE_NAME],
-                    name=self.name,
-                    concurrency=queue_concurrency(self.settings.max_concurrency),
+            try:
+                await self.services.queue.app.run_worker_async(
+                    queues=[MAINTENANCE_QUEUE],
+                    name=f"{self.name}-maintenance",
+                    concurrency=1,
                     install_signal_handlers=False,
                     listen_notify=True,
-                    fetch_job_polling_interval=FETCH_POLL_SECONDS,
                     delete_jobs="successful",
-                    # No shutdown_graceful_timeout (procrastinate's default: wait): past it,
-                    # procrastinate would cancel the job and mark it aborted, leaving the deploy
-                    # "deploying" with no job. Our grace (stop()) interrupts terraform and
-                    # records the outcome instead.
-                    # Frequent heartbeats: a dead worker's jobs are recovered STALLED_AFTER
-                    # seconds after its last one (service/recovery.py, docs/reliability.md).
                     update_heartbeat_interval=HEARTBEAT_INTERVAL,
                     stalled_worker_timeout=STALLED_AFTER,
                 )
-            )
-            stop_task = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait({worker_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            if stop_task in done:
-                worker_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await worker_task
-                break
-            stop_task.cancel()
-            exc = worker_task.exception() if not worker_task.cancelled() else None
-            log.warning("queue worker stopped (%s); restarting in %.1fs", exc, pause)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("maintenance worker stopped (%s); restarting in %.1fs", exc, pause)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=pause)
             pause = min(pause * 2, RESTART_PAUSE_MAX)

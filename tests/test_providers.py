@@ -649,12 +649,12 @@ def test_a_deploys_own_lock_file_wins():
 async def test_run_inputs_carry_the_lock_file(tmp_path):
     providers = providers_for_test(tmp_path)
     files = {"main.tf": 'resource "terraform_data" "x" {}\n'}
+    inputs = await providers.run_inputs({**files, ".terraform.lock.hcl": "# own\n"}, "# kept\n")
+    assert inputs["lock_file"] == b"# own\n"  # the deploy's own lock file wins
+    assert inputs["files"] == files  # and goes to the run as the lock file, not a file
     inputs = await providers.run_inputs(files, "# kept\n")
-    if "lock_file" in RunRequest.__struct_fields__:
-        assert inputs["lock_file"] == "# kept\n" and ".terraform.lock.hcl" not in inputs["files"]
-    else:  # runners that take the lock file as one of the files
-        assert inputs["files"] == {**files, ".terraform.lock.hcl": "# kept\n"}
-    RunRequest(deploy_id="d", attempt=1, workspace="w", action="apply", **inputs)
+    assert inputs["lock_file"] == b"# kept\n" and inputs["files"] == files
+    RunRequest(deploy_id="d", attempt=1, workspace="w", steps=[], **inputs)
 
 
 # ------------------------------------------------------------------ deploys end to end

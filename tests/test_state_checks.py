@@ -15,7 +15,6 @@ import time
 import pytest
 from test_execution import RUNNERS, harness
 
-from service.runners.base import RunResult
 from service.runners.statecheck import (
     ArtifactProblem,
     docker_stat_problem,
@@ -132,11 +131,19 @@ def test_docker_path_stat_is_checked():
     assert "unknown" in docker_stat_problem({"size": 1}, 100)
 
 
-def test_the_failure_reason_of_a_refused_state_is_state_invalid():
-    from service.deployer import failure_reason
+def test_a_refused_state_fails_the_deploy_at_once_with_state_invalid():
+    """The deployer reports a refused state with StateNotPersisted(reason="state_invalid");
+    the lifecycle ends the deploy whatever its budget (a retry would start from the last good
+    state and make again what this run made)."""
+    from service.events import Requested, Started
+    from service.lifecycle import StateNotPersisted, decide, fold
 
-    result = RunResult(exit_code=0, state=None, state_problem="terraform.tfstate refused: x")
-    assert failure_reason(result) == "state_invalid"
+    state = fold([
+        Requested(workspace="w", action="apply", max_attempts=3, owner="ann", files={}),
+        Started(attempt=1),
+    ])
+    events = decide(StateNotPersisted(reason="state_invalid", message="x", destroyed=False), state)
+    assert [(type(e).__name__, e.reason, e.final) for e in events] == [("Failed", "state_invalid", True)]  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------- hostile configurations
@@ -178,7 +185,10 @@ async def test_a_replaced_state_ends_the_deploy_failed_state_invalid(
         assert done["error"]["reason"] == "state_invalid", done
         events = await h.events(d["id"])
         types = [e["type"] for e in events]
-        assert types == ["Requested", "Started", "Failed"], types
+        # what could be read within the limit is rescued (StateRescued); a link or a file
+        # over the limit leaves nothing to rescue
+        rescued = ["StateRescued"] if hostile == "garbage" else []
+        assert types == ["Requested", "Started", *rescued, "Failed"], types
         failed = events[-1]["data"]
         assert failed["reason"] == "state_invalid"
         expected = {
