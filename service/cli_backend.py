@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.errors import UniqueViolation
 from psycopg.rows import dict_row
@@ -48,7 +49,7 @@ from service.events import (
 )
 from service.queries import q
 from service.statestores import index, put_with_retries
-from service.workspaces import Workspace
+from service.workspaces import Workspace, find
 
 Conn = AsyncConnection[Any]
 
@@ -375,14 +376,7 @@ def decide_write(
 # ---------------------------------------------------------------- reading under the locks
 
 
-async def _one(conn: Conn, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(q(name), params)
-        return await cur.fetchone()
-
-
-async def deploy_holder(conn: Conn, workspace_id: str) -> DeployHolder | None:
-    row = await _one(conn, "tfstate_deploy_holder", {"workspace_id": workspace_id})
+def _deploy_holder(row: dict[str, Any] | None) -> DeployHolder | None:
     if row is None:
         return None
     return DeployHolder(
@@ -394,8 +388,7 @@ async def deploy_holder(conn: Conn, workspace_id: str) -> DeployHolder | None:
     )
 
 
-async def cli_lock(conn: Conn, workspace_id: str) -> CliLock | None:
-    row = await _one(conn, "tfstate_cli_lock", {"workspace_id": workspace_id})
+def _cli_lock(row: dict[str, Any] | None) -> CliLock | None:
     if row is None:
         return None
     return CliLock(
@@ -403,8 +396,24 @@ async def cli_lock(conn: Conn, workspace_id: str) -> CliLock | None:
     )
 
 
-async def holders(conn: Conn, workspace_id: str) -> tuple[CliLock | None, DeployHolder | None]:
-    return await cli_lock(conn, workspace_id), await deploy_holder(conn, workspace_id)
+async def holders(
+    conn: Conn, workspace_id: str, *, claim_lock: bool = False
+) -> tuple[CliLock | None, DeployHolder | None]:
+    """Who holds the workspace now: its CLI lock, the deploy that holds it. One round trip;
+    with ``claim_lock``, the claim's lock is taken first in the same query and held until the
+    caller's transaction ends (so the claim lock spans one client round trip, not three)."""
+    params = {"workspace_id": workspace_id}
+    async with psycopg.AsyncClientCursor(conn, row_factory=dict_row) as cur:
+        parts = [cur.mogrify(q(name), params) for name in ("tfstate_cli_lock", "tfstate_deploy_holder")]
+        if claim_lock:
+            parts.insert(0, q("tfstate_claim_lock").decode())
+        await cur.execute(";\n".join(parts).encode())
+        if claim_lock:
+            cur.nextset()
+        cli = _cli_lock(await cur.fetchone())
+        cur.nextset()
+        deploy = _deploy_holder(await cur.fetchone())
+    return cli, deploy
 
 
 # ---------------------------------------------------------------- the transactions
@@ -441,8 +450,6 @@ def _is_claim_race(exc: BaseException) -> bool:
 
 async def _existing(pool: Any, target: Target) -> Target:
     """After losing a race for a new name: the winner's workspace (the same owner's)."""
-    from service.workspaces import find
-
     async with pool.connection() as conn:
         found = await find(conn, target.workspace.owner, target.workspace.name)
     if found is None:  # cannot be: the row that collided is committed
@@ -463,8 +470,11 @@ async def lock(pool: Any, target: Target, info: LockInfo, user: str, actor: str)
         ws = target.workspace
         try:
             async with pool.connection() as conn:
-                await conn.execute(q("tfstate_claim_lock"))
-                cli, deploy = (None, None) if target.new else await holders(conn, ws.id)
+                if not target.new:
+                    # Held (a CLI's -lock-timeout asking again and again while a deploy runs):
+                    # answered without the claim's lock, so it never delays a claim.
+                    decide_lock(*await holders(conn, ws.id), info.ID, user, ws.ref)
+                cli, deploy = await holders(conn, ws.id, claim_lock=True)
                 decision = decide_lock(cli, deploy, info.ID, user, ws.ref)
                 if isinstance(decision, Repeated):
                     return LockResult(workspace=ws, info=info.to_json(), taken=False)
@@ -516,8 +526,7 @@ async def unlock(
     """UNLOCK (``lock_id`` None: force-unlock): delete the lock row, record ``StateUnlocked`` or
     ``StateForceUnlocked`` and wake the dispatchers, in one transaction."""
     async with pool.connection() as conn:
-        await conn.execute(q("tfstate_claim_lock"))
-        cli, deploy = await holders(conn, workspace.id)
+        cli, deploy = await holders(conn, workspace.id, claim_lock=True)
         decision = decide_unlock(cli, deploy, lock_id, user, admin, workspace.ref)
         if isinstance(decision, NothingHeld):
             return UnlockResult(released=None)
@@ -585,13 +594,13 @@ async def write(
                 if isinstance(decide_write(cli, deploy, lock_id, user, latest, new, ws.ref), Unchanged):
                     return WriteResult(workspace=ws, version=latest_row, created=False)
                 stored = await put_with_retries(state_store, ws.id, version, content, sha256)
-                await conn.execute(q("tfstate_claim_lock"))
-                cli, deploy = (None, None) if target.new else await holders(conn, ws.id)
-                decide_write(cli, deploy, lock_id, user, latest, new, ws.ref)
                 recorded = await index.record_version(
                     conn, ws.id, version, None, None, stored, serial, lineage, sha256, size,
                     written_by=user,
                 )
+                cli, deploy = await holders(conn, ws.id, claim_lock=True)
+                if not target.new:
+                    decide_write(cli, deploy, lock_id, user, latest, new, ws.ref)
                 event = StateWritten(
                     state_version=version,
                     serial=serial,
