@@ -421,7 +421,7 @@ async def holders(
 
 class Target(msgspec.Struct, frozen=True, kw_only=True):
     """The workspace a LOCK or write is for. ``new``: the caller's own name, not claimed yet --
-    claimed in the transaction of the LOCK or the write (``WorkspaceCreated`` via "cli"), as a
+    claimed in the transaction of the LOCK or the write (``WorkspaceCreated`` by ``cli:<user>``), as a
     deploy claims one in the transaction of its ``Requested``."""
 
     workspace: Workspace
@@ -439,7 +439,7 @@ def _claim_writes(target: Target, actor: str) -> list[tuple[str, dict[str, Any]]
     return [
         ("insert_workspace", {"id": ws.id, "owner": ws.owner, "name": ws.name}),
         store.workspace_append(
-            ws.id, 0, [WorkspaceCreated(name=ws.name, owner=ws.owner, via="cli")], actor
+            ws.id, 0, [WorkspaceCreated(name=ws.name, owner=ws.owner)], actor
         ),
     ]
 

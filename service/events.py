@@ -201,9 +201,10 @@ class WorkspaceCreated(_Event, frozen=True, kw_only=True, tag="WorkspaceCreated"
 
     name: str
     owner: str
-    deploy_id: str = ""  # the deploy that claimed it ("" when migrated or made by the CLI)
+    # The deploy that claimed it; "" when migrated, or claimed by its owner's terraform CLI (a
+    # LOCK or a state write; the actor is then cli:<owner>).
+    deploy_id: str = ""
     migrated: bool = False
-    via: str = ""  # "cli": claimed by its owner's terraform CLI (a LOCK or a state write)
 
 
 class MemberSet(_Event, frozen=True, kw_only=True, tag="MemberSet"):

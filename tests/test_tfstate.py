@@ -341,7 +341,7 @@ async def test_a_lock_or_a_write_to_ones_own_new_name_makes_the_workspace(
         ("WorkspaceCreated", "cli:ann"),
         ("StateLocked", "cli:ann"),
     ]
-    assert (await events_of(services, fresh.id))[0][2]["via"] == "cli"
+    assert (await events_of(services, fresh.id))[0][2]["deploy_id"] == ""
     assert (await ann.get("fresh")).status_code == 204
     # A write makes one too; two racing for one new name make one workspace.
     got = await asyncio.gather(*(ann.put("pushed", tfstate(3, "imported")) for _ in range(4)))
