@@ -298,9 +298,15 @@ async def test_a_deploy_after_a_cli_apply_starts_from_the_cli_state(stack: Stack
     after = await latest_state(stack, "prod")
     assert ids_of(after) == made  # nothing made twice
     assert after["lineage"] == cli_state["lineage"] and after["serial"] >= cli_state["serial"]
-    # ... and the CLI, in turn, plans from the deploy's state: nothing to do.
+    # ... and the CLI, in turn, plans from the deploy's state (nothing to do), and applies a
+    # change on top of it: the next version, by the CLI.
     plan = await tf("plan", "-detailed-exitcode", "-input=false", "-no-color")
     assert plan.code == 0, plan.out
+    tf.write(WEB.replace('"v1"', '"v2"'))
+    assert (await tf.apply()).code == 0
+    top = (await stack.api.get("/workspaces/prod/states")).json()["items"][:2]
+    assert [(v["source"], v["deploy_id"]) for v in top] == [("cli", None), ("deploy", d)]
+    assert top[0]["serial"] > top[1]["serial"] and top[0]["lineage"] == top[1]["lineage"]
 
 
 async def test_plan_during_a_running_deploy_fails_on_the_lock_or_waits_for_it(stack: Stack) -> None:
