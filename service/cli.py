@@ -487,6 +487,8 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_workspace(settings: Settings, args: argparse.Namespace) -> int:
+    if args.workspace_cmd == "unlock":
+        return _workspace_unlock(settings, args)
     from service import workspaces
 
     async def go(url: str) -> int:
@@ -505,6 +507,42 @@ def cmd_workspace(settings: Settings, args: argparse.Namespace) -> int:
             print(
                 f"{ref:<40} {_safe(r['other_user']):<24} {r['deploys']:>7}  "
                 f"{_when(r['last_deploy_at']):<16}  {r['member_role'] or '-'}"
+            )
+        return 0
+
+    with database(settings, quiet=True) as db:
+        return asyncio.run(go(db.url))
+
+
+def _workspace_unlock(settings: Settings, args: argparse.Namespace) -> int:
+    """Force-unlock a workspace's CLI lock from the shell (what ``terraform force-unlock`` does
+    for an admin): recorded as ``StateForceUnlocked`` by ``admin:<actor>``; the workspace's
+    queued deploys then start. A deploy's hold is not the CLI's: cancel the deploy instead."""
+    from service import cli_backend, workspaces
+
+    owner, sep, name = args.ref.rpartition(":")
+    if not sep or not owner or not name:
+        print("name the workspace as owner:name", file=sys.stderr)
+        return 2
+
+    async def go(url: str) -> int:
+        async with services_for(settings, url, pool_size=2) as services:
+            async with services.pool.connection() as conn:
+                ws = await workspaces.find(conn, owner, name)
+            if ws is None:
+                print(f"no workspace {_safe(args.ref)}", file=sys.stderr)
+                return 1
+            try:
+                released = await cli_backend.force_unlock_from_shell(services.pool, ws, args.actor)
+            except cli_backend.BackendError as exc:
+                print(f"{_safe(ws.ref)}: {_safe(exc.detail)}", file=sys.stderr)
+                return 1
+        if released is None:
+            print(f"{_safe(ws.ref)} was not locked")
+        else:
+            print(
+                f"{_safe(ws.ref)} unlocked: lock {_safe(released.lock_id)} of "
+                f"{_safe(released.holder)} (held since {_when(released.created_at)}) removed"
             )
         return 0
 
@@ -675,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     wsub.add_parser(
         "contested", help="names several users deployed to before workspaces had owners"
     )
+    wu = wsub.add_parser(
+        "unlock", help="force-unlock a workspace's terraform CLI lock (docs/terraform-cli.md)"
+    )
+    wu.add_argument("ref", help="the workspace, owner:name")
+    wu.add_argument("--actor", default=os.environ.get("USER", "cli"), help="recorded as admin:<actor>")
 
     rp = sub.add_parser("replay", help="queue failed deploys again with a fresh attempt budget")
     rp.add_argument("id", nargs="?")

@@ -201,7 +201,9 @@ class WorkspaceCreated(_Event, frozen=True, kw_only=True, tag="WorkspaceCreated"
 
     name: str
     owner: str
-    deploy_id: str = ""  # the deploy that claimed it ("" when migrated)
+    # The deploy that claimed it; "" when migrated, or claimed by its owner's terraform CLI (a
+    # LOCK or a state write; the actor is then cli:<owner>).
+    deploy_id: str = ""
     migrated: bool = False
 
 
@@ -224,15 +226,72 @@ class StateDownloaded(_Event, frozen=True, kw_only=True, tag="StateDownloaded"):
     state_version: int
     sha256: str
     latest: bool  # GET .../state (True) or GET .../states/{version} (False)
+    via: str = "api"  # "api" | "cli" (the terraform http backend: GET .../tfstate)
 
 
-WorkspaceEvent = WorkspaceCreated | MemberSet | MemberRemoved | StateDownloaded
+# The terraform CLI's http state backend (docs/terraform-cli.md). ``lock_id`` is the ID of
+# terraform's LockInfo; the actor of these events is ``cli:<user>`` (``admin:<name>`` for an
+# unlock from the shell, ``tfdeploy workspace unlock``).
+
+
+class StateLocked(_Event, frozen=True, kw_only=True, tag="StateLocked"):
+    """A terraform CLI took the workspace's lock: deploys of it stay queued until it is
+    released."""
+
+    lock_id: str
+    operation: str = ""  # terraform's, e.g. "OperationTypeApply"
+    who: str = ""  # terraform's "user@host"
+    info: str = ""
+    terraform_version: str = ""
+
+
+class StateUnlocked(_Event, frozen=True, kw_only=True, tag="StateUnlocked"):
+    """The CLI that held the lock released it."""
+
+    lock_id: str
+
+
+class StateForceUnlocked(_Event, frozen=True, kw_only=True, tag="StateForceUnlocked"):
+    """An admin removed a CLI's lock without its ID (``terraform force-unlock``, or
+    ``tfdeploy workspace unlock``)."""
+
+    lock_id: str  # the lock that was removed
+    holder: str  # the user who held it
+    held_since: str = ""  # when it was taken (ISO 8601)
+    via: str = "cli"  # "cli" (UNLOCK with an empty body) | "shell" (tfdeploy workspace unlock)
+
+
+class StateWritten(_Event, frozen=True, kw_only=True, tag="StateWritten"):
+    """A terraform CLI wrote a new state version (``POST .../tfstate``)."""
+
+    state_version: int
+    serial: int
+    lineage: str
+    sha256: str  # of the plaintext tfstate
+    size: int
+    lock_id: str = ""  # the lock it was written under ("" when written without one)
+
+
+WorkspaceEvent = (
+    WorkspaceCreated
+    | MemberSet
+    | MemberRemoved
+    | StateDownloaded
+    | StateLocked
+    | StateUnlocked
+    | StateForceUnlocked
+    | StateWritten
+)
 
 WORKSPACE_EVENT_CLASSES: tuple[type[_Event], ...] = (
     WorkspaceCreated,
     MemberSet,
     MemberRemoved,
     StateDownloaded,
+    StateLocked,
+    StateUnlocked,
+    StateForceUnlocked,
+    StateWritten,
 )
 
 

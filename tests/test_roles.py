@@ -12,7 +12,10 @@ request. The rules it checks (service.api.access, docs/workspaces.md):
 - a member who may see but not do (a ``read`` member deploying, a member managing members), or a
   user on an admin-only route: 403;
 - admin replay: admin only, failed deploys only, exactly one of concurrent replays wins, and the
-  Retried event names the admin.
+  Retried event names the admin;
+- terraform's state backend (``.../tfstate``): read with the workspace, lock, unlock and write as
+  one who may deploy to it, force-unlock (UNLOCK with no body) as an admin; LOCK and UNLOCK are
+  the same routes as POST and DELETE on ``.../tfstate/lock``; a 401 there asks for Basic auth.
 
 MATRIX must list every route the app serves (test_every_route_is_classified), so a new endpoint
 cannot arrive without its cells.
@@ -21,7 +24,11 @@ cannot arrive without its cells.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +40,7 @@ import uvicorn
 
 from service import workspaces
 from service.api.app import create_app
+from service.api.tfstate import LOCK_METHODS
 from service.auth import create_token, create_user_token, list_tokens, revoke_token
 from service.deploys import NewDeploy
 from service.lifecycle import (
@@ -73,6 +81,11 @@ DEPLOY = row(202, 403, 202, 404, 202)  # whoever may deploy to it
 MANAGE = row(200, 403, 403, 404, 200)  # its owner and admins
 ANY_USER = row(200, 200, 200, 200, 200)
 ADMIN = row(403, 403, 403, 403, 200)
+CLI = row(200, 403, 200, 404, 200)  # terraform's state backend: whoever may deploy
+# UNLOCK with the ID of a lock ann's terraform holds: hers to release; anyone else who may deploy
+# gets 409 with her LockInfo (an admin force-unlocks with an empty body instead).
+UNLOCK_ANNS = row(200, 403, 409, 404, 409)
+LOCK_PATH = "/workspaces/{name:str}/tfstate/lock"
 
 # (method, path template) -> the expected status of each caller. The deploy in the paths is ann's
 # (in ann:prod), failed; the workspace is ann:prod.
@@ -104,6 +117,12 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("GET", "/workspaces/{name:str}/members"): MANAGE,
     ("PUT", "/workspaces/{name:str}/members/{user:str}"): MANAGE | {"owner": 201, "admin": 201},
     ("DELETE", "/workspaces/{name:str}/members/{user:str}"): MANAGE | {"owner": 204, "admin": 204},
+    ("GET", "/workspaces/{name:str}/tfstate"): READ,
+    ("POST", "/workspaces/{name:str}/tfstate"): CLI,  # the next serial of ann's state
+    ("POST", LOCK_PATH): CLI,  # ann:prod not locked
+    ("LOCK", LOCK_PATH): CLI,
+    ("DELETE", LOCK_PATH): UNLOCK_ANNS,
+    ("UNLOCK", LOCK_PATH): UNLOCK_ANNS,
     ("GET", "/events"): READ,  # ?workspace=ann:prod
     ("GET", "/events/stream"): ADMIN,
 }
@@ -121,6 +140,8 @@ COUNTED_TABLES = (
     "procrastinate_jobs",
     "workspaces",
     "workspace_members",
+    "workspace_locks",
+    "state_versions",
 )
 STATE = (
     b'{"version": 4, "terraform_version": "1.11.4", "serial": 3, "lineage": "l", '
@@ -144,6 +165,15 @@ def concrete(path: str, deploy_id: str, workspace: str, user: str = "bob") -> st
 
 def guarded_routes() -> list[tuple[str, str]]:
     return sorted(route for route, role in ROUTES.items() if role != "open")
+
+
+def challenge(template: str) -> str:
+    """The scheme a 401 asks for: Basic on terraform's state backend, Bearer elsewhere."""
+    return "Basic" if "/tfstate" in template else "Bearer"
+
+
+def _md5(body: bytes) -> str:
+    return base64.b64encode(hashlib.md5(body).digest()).decode()
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -232,6 +262,13 @@ async def test_every_route_is_classified(services: Services) -> None:
         for route in app.routes
         for method in route.methods  # type: ignore[attr-defined]
         if method not in ("OPTIONS", "HEAD")
+    }
+    # LOCK and UNLOCK reach the POST and DELETE of the lock path (service.api.tfstate).
+    served |= {
+        (alias, path)
+        for method, path in served
+        for alias, target in LOCK_METHODS.items()
+        if method == target and path.endswith("/tfstate/lock")
     }
     assert served == set(MATRIX), (
         f"unclassified: {sorted(served - set(MATRIX))}, gone: {sorted(set(MATRIX) - served)}"
@@ -342,6 +379,36 @@ async def test_every_route_for_every_caller(
     async def static() -> tuple[str, dict[str, Any]]:
         return "/static/app.js", {}
 
+    async def set_cli_lock(holder: str | None) -> None:
+        async with services.pool.connection() as conn:
+            await conn.execute("DELETE FROM workspace_locks")
+            if holder is not None:
+                await conn.execute(
+                    "INSERT INTO workspace_locks (workspace_id, lock_id, info, holder)"
+                    " VALUES (%s, 'anns-lock', '{\"ID\": \"anns-lock\"}', %s)",
+                    (cast.prod.id, holder),
+                )
+
+    def lock_info(lock_id: str) -> dict[str, Any]:
+        body = json.dumps({"ID": lock_id, "Operation": "OperationTypeApply", "Who": "x@y"}).encode()
+        return {"content": body, "headers": {"Content-MD5": _md5(body)}}
+
+    async def lock() -> tuple[str, dict[str, Any]]:
+        await set_cli_lock(None)
+        return "/workspaces/ann:prod/tfstate/lock", lock_info(f"lock-{uuid.uuid4()}")
+
+    async def unlock() -> tuple[str, dict[str, Any]]:
+        await set_cli_lock("ann")
+        return "/workspaces/ann:prod/tfstate/lock", lock_info("anns-lock")
+
+    async def write_state() -> tuple[str, dict[str, Any]]:
+        await set_cli_lock(None)
+        async with services.pool.connection() as conn:
+            latest = await index.latest(conn, cast.prod.id)
+        assert latest is not None
+        body = STATE.replace(b'"serial": 3', f'"serial": {latest.serial + 1}'.encode())
+        return "/workspaces/ann:prod/tfstate", {"content": body, "headers": {"Content-MD5": _md5(body)}}
+
     prepare |= {
         ("POST", "/deploys"): post_deploy,
         ("POST", "/deploys/{deploy_id:str}/cancel"): cancel,
@@ -351,6 +418,11 @@ async def test_every_route_for_every_caller(
         ("GET", "/deploys"): lambda: with_query("/deploys"),
         ("GET", "/events"): lambda: with_query("/events"),
         ("GET", "/static/{name:str}"): static,
+        ("POST", "/workspaces/{name:str}/tfstate"): write_state,
+        ("POST", LOCK_PATH): lock,
+        ("LOCK", LOCK_PATH): lock,
+        ("DELETE", LOCK_PATH): unlock,
+        ("UNLOCK", LOCK_PATH): unlock,
     }
     wrong: list[str] = []
     for route, cells in sorted(MATRIX.items()):
@@ -366,7 +438,7 @@ async def test_every_route_for_every_caller(
                 assert body["status_code"] == response.status_code, (who, route)
                 assert await counts(services) == before, (who, route)  # nothing written
                 if response.status_code == 401:
-                    assert response.headers["www-authenticate"].startswith("Bearer")
+                    assert response.headers["www-authenticate"].startswith(challenge(route[1]))
     assert not wrong, "\n".join(wrong)
 
 
@@ -434,7 +506,7 @@ async def test_no_bad_or_malformed_token_is_401_on_every_guarded_route(
             body = {"files": {"main.tf": MAIN_TF}} if method in ("POST", "PUT") else None
             response = await client.request(method, url, headers=headers, params=params, json=body)
             assert_error(response, 401, f"{name}: {method} {url}")
-            assert response.headers["www-authenticate"].startswith("Bearer")
+            assert response.headers["www-authenticate"].startswith(challenge(template))
     assert await counts(services) == before  # nothing written by any refused request
 
 
@@ -489,17 +561,18 @@ async def test_another_users_deploy_or_workspace_is_404_on_every_route_that_name
         for (method, template), role in ROUTES.items()
         if role != "open" and ("{deploy_id" in template or "{name" in template)
     ]
-    assert len(named) == 14
+    assert len(named) == 20
     for method, template in named:
         url = concrete(template, anns, "ann:anns-ws")
         body = {"role": "read"} if method == "PUT" else None
         # bob: ann's deploy / workspace is not his; an unknown id and a malformed one look the
-        # same; so does "anns-ws", which names bob's own (none).
+        # same; so does "anns-ws", which names bob's own (none) -- except where a request makes
+        # one of his own names, as a deploy does (terraform's LOCK and state write).
+        makes_own = method in ("POST", "LOCK") and "/tfstate" in template
         for as_bob in (
             url,
-            concrete(template, anns, "anns-ws"),
             concrete(template, UNKNOWN, "ann:no-such-ws"),
-            concrete(template, "nope", "x"),
+            *([] if makes_own else [concrete(template, anns, "anns-ws"), concrete(template, "nope", "x")]),
         ):
             response = await client.request(method, as_bob, headers=bearer(tokens["bob"]), json=body)
             assert_error(response, 404, f"bob: {method} {as_bob}")
@@ -662,3 +735,34 @@ async def test_concurrent_replays_in_the_command_handler_exactly_one_wins(
     assert sorted(outcomes) == ["refused"] * 7 + ["won"]
     retried = [e for e in await services.deploys.stream(d) if e.type == "Retried"]
     assert len(retried) == 1 and retried[0].actor.startswith("admin:a")
+
+
+# ---------------------------------------------------------------- terraform's force-unlock
+
+
+async def test_force_unlock_is_for_admins_only(
+    services: Services, cast: Cast, served: httpx.AsyncClient
+) -> None:
+    """UNLOCK with an empty body (``terraform force-unlock``) removes whoever's CLI lock: an
+    admin's to do; the owner and members who see the workspace are refused (403), anyone else
+    learns nothing (404)."""
+    expected = row(403, 403, 403, 404, 200)
+    for who in WHO:
+        async with services.pool.connection() as conn:
+            await conn.execute("DELETE FROM workspace_locks")
+            await conn.execute(
+                "INSERT INTO workspace_locks (workspace_id, lock_id, info, holder)"
+                " VALUES (%s, 'daves-lock', '{\"ID\": \"daves-lock\"}', 'dave')",
+                (cast.prod.id,),
+            )
+        before = await counts(services)
+        for method in ("UNLOCK", "DELETE"):
+            response = await _call(
+                served, method, "/workspaces/ann:prod/tfstate/lock", cast.tokens[who], content=b""
+            )
+            assert response.status_code == expected[who], (who, method, response.text)
+            if response.status_code != 200:
+                assert await counts(services) == before, (who, method)
+            else:
+                assert response.json() == {"released": "daves-lock"}
+                break

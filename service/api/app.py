@@ -36,6 +36,7 @@ from service.api.events import EventController
 from service.api.health import HealthController
 from service.api.members import MemberController
 from service.api.streams import STREAM_ROUTES, StreamOptions
+from service.api.tfstate import LockMethodsApp, TfstateController
 from service.api.web import WebController
 from service.api.workspaces import WorkspaceController
 from service.services import Services
@@ -79,6 +80,10 @@ def openapi_config() -> OpenAPIConfig:
                 name="workspaces",
                 description="Your workspaces, their members, tfstate versions, outputs and resources.",
             ),
+            Tag(
+                name="terraform CLI",
+                description="Terraform's `http` state backend on a workspace (docs/terraform-cli.md).",
+            ),
             Tag(name="events", description="The audit query over every event."),
             Tag(name="operations", description="Health (no token needed) and metrics (admin)."),
         ],
@@ -110,10 +115,13 @@ def create_app(
         if hub is not None:
             await hub.close()
 
-    return Litestar(
+    # LockMethodsApp: terraform's LOCK/UNLOCK on a workspace's tfstate/lock path (the state
+    # backend, service/api/tfstate.py) reach its POST/DELETE handlers.
+    return LockMethodsApp(
         route_handlers=[
             DeployController,
             WorkspaceController,
+            TfstateController,
             MemberController,
             EventController,
             HealthController,

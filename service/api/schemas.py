@@ -143,14 +143,16 @@ class StateVersionOut(msgspec.Struct, frozen=True, kw_only=True):
     workspace_owner: str
     workspace_id: str
     version: int
-    deploy_id: str
-    attempt: int
+    deploy_id: str | None  # null for a state written by the terraform CLI
+    attempt: int | None
     store: str
     serial: int
     lineage: str
     sha256: str
     size: int
     created_at: datetime
+    source: str  # "deploy" | "cli"
+    written_by: str | None  # the user whose terraform CLI wrote it
 
     @classmethod
     def of(cls, v: StateVersion, workspace: Workspace) -> StateVersionOut:
@@ -167,6 +169,8 @@ class StateVersionOut(msgspec.Struct, frozen=True, kw_only=True):
             sha256=v.sha256,
             size=v.size,
             created_at=v.created_at,
+            source=v.source,
+            written_by=v.written_by,
         )
 
 

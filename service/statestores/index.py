@@ -42,24 +42,29 @@ SELECT greatest(
 """
 INSERT_VERSION = """
 INSERT INTO state_versions
-    (workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size)
+    (workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size,
+     source, written_by)
 VALUES (%(workspace)s, %(version)s, %(deploy_id)s, %(attempt)s, %(store)s, %(location)s,
-        %(serial)s, %(lineage)s, %(sha256)s, %(size)s)
-RETURNING workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size, created_at
+        %(serial)s, %(lineage)s, %(sha256)s, %(size)s, %(source)s, %(written_by)s)
+RETURNING workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size, source,
+       written_by, created_at
 """
 SELECT_LATEST = """
-SELECT workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size, created_at
+SELECT workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size, source,
+       written_by, created_at
 FROM state_versions
 WHERE workspace = %(workspace)s ORDER BY version DESC LIMIT 1
 """
 SELECT_VERSIONS = """
-SELECT workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size, created_at
+SELECT workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size, source,
+       written_by, created_at
 FROM state_versions
 WHERE workspace = %(workspace)s AND (%(before)s::integer IS NULL OR version < %(before)s::integer)
 ORDER BY version DESC LIMIT %(limit)s
 """
 SELECT_VERSION = """
-SELECT workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size, created_at
+SELECT workspace, version, deploy_id, attempt, store, location, serial, lineage, sha256, size, source,
+       written_by, created_at
 FROM state_versions
 WHERE workspace = %(workspace)s AND version = %(version)s
 """
@@ -77,12 +82,14 @@ EMERGENCY_PREFIX = "postgres-emergency:"
 
 
 class StateVersion(msgspec.Struct, frozen=True, kw_only=True):
-    """One row of ``state_versions``."""
+    """One row of ``state_versions``: persisted by a deploy's run (``source`` "deploy",
+    ``deploy_id`` and ``attempt`` name it) or written by the terraform CLI (``source`` "cli",
+    no deploy, ``written_by`` the user)."""
 
     workspace: str
     version: int
-    deploy_id: str
-    attempt: int
+    deploy_id: str | None
+    attempt: int | None
     store: str
     location: str
     serial: int
@@ -90,10 +97,13 @@ class StateVersion(msgspec.Struct, frozen=True, kw_only=True):
     sha256: str
     size: int
     created_at: datetime
+    source: str = "deploy"
+    written_by: str | None = None
 
 
 def _version(row: dict[str, Any]) -> StateVersion:
-    return StateVersion(**{**row, "deploy_id": str(row["deploy_id"])})
+    deploy_id = row["deploy_id"]
+    return StateVersion(**{**row, "deploy_id": str(deploy_id) if deploy_id is not None else None})
 
 
 async def _fetch(conn: Conn, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -133,15 +143,19 @@ async def record_version(
     conn: Conn,
     workspace: str,
     version: int,
-    deploy_id: str | UUID,
-    attempt: int,
+    deploy_id: str | UUID | None,
+    attempt: int | None,
     stored: StoredState,
     serial: int,
     lineage: str,
     sha256: str,
     size: int,
+    *,
+    written_by: str | None = None,
 ) -> StateVersion:
-    """Add one version to the index (in the caller's transaction); UniqueViolation if taken."""
+    """Add one version to the index (in the caller's transaction); UniqueViolation if taken.
+    A deploy's run names its deploy and attempt; the CLI backend passes None for both and
+    ``written_by``, the user whose terraform wrote it."""
     rows = await _fetch(
         conn,
         INSERT_VERSION,
@@ -156,6 +170,8 @@ async def record_version(
             "lineage": lineage,
             "sha256": sha256,
             "size": size,
+            "source": "deploy" if deploy_id is not None else "cli",
+            "written_by": written_by,
         },
     )
     return _version(rows[0])
