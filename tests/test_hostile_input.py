@@ -814,7 +814,7 @@ async def test_sql_looking_filter_values_match_nothing_and_nul_is_400(
         assert_error(
             response,
             422,
-            "status must be one of queued, deploying, retrying, succeeded, failed, cancelled",
+            "status must be one of queued, deploying, retrying, planned, succeeded, failed, cancelled, discarded",
         )
         for suffix in ("state", "states", "states/1"):
             response = await api.get(

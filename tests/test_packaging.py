@@ -247,7 +247,9 @@ def test_image_holds_what_the_service_imports(service_image):
 
 
 @pytest.mark.docker
-def test_image_serves_and_a_worker_outside_runs_the_deploy(service_image, database_url, tmp_path):
+def test_image_serves_and_a_worker_outside_runs_the_deploy(
+    service_image, database_url, owner_database_url, tmp_path
+):
     """`serve` from the image (host network) against the tests' PostgreSQL; a deploy posted to
     it runs in a worker of this venv (local runner) to `succeeded`, with a secret the API
     sealed and the worker opened under one shared key."""
@@ -255,7 +257,11 @@ def test_image_serves_and_a_worker_outside_runs_the_deploy(service_image, databa
 
     key = generate_key()
     db = {"TFDEPLOY_DATABASE_URL": database_url, "TFDEPLOY_SECRETS_KEY": key}
-    migrated = _run_image(service_image, "migrate", env=db)
+    # The image migrates as the schema's owner (TFDEPLOY_MIGRATE_DATABASE_URL), serves as the
+    # service role.
+    migrated = _run_image(
+        service_image, "migrate", env={**db, "TFDEPLOY_MIGRATE_DATABASE_URL": owner_database_url}
+    )
     assert migrated.returncode == 0, migrated.stderr[-3000:]  # the image finds its migrations
     made = _run_image(service_image, "token", "create", "--name", "pkg", "--admin", env=db)
     assert made.returncode == 0, made.stderr[-3000:]

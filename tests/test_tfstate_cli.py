@@ -427,18 +427,6 @@ async def test_another_users_token_is_refused(stack: Stack) -> None:
     assert refused.code == 1 and "invalid auth" in refused.out, refused.out  # 403
 
 
-def _dispatcher_wired() -> bool:
-    import service.worker
-
-    return hasattr(service.worker, "Dispatcher")
-
-
-@pytest.mark.xfail(
-    not _dispatcher_wired(),
-    strict=True,
-    reason="needs the deploy dispatcher (tfdeploy_claim reads the CLI's lock); procrastinate's "
-    "own fetch does not",
-)
 async def test_a_deploy_submitted_while_the_cli_holds_the_lock_runs_after_unlock(stack: Stack) -> None:
     tf = Terraform(stack, "ann", "ann", "prod", WEB)
     await tf.init()
