@@ -367,3 +367,58 @@ async def test_a_destroy_waits_for_approval_and_applies_the_destroy_plan(
         state = (await h.client.get("/workspaces/site/state")).json()
         assert state["resources"] == []
         assert await state_versions(h, "site") == [2, 1]
+
+
+async def test_a_dead_workers_plan_run_is_concluded_by_recovery(database_url, tmp_path):
+    """Recovery prepares a running deploy's request without steps (service/recovery.py): the
+    deployer composes the run the deploy is at -- its plan run (1), later its apply run (2)
+    with the saved plan -- and concludes a plan run with PlanMade, its plan kept first."""
+    from service.lifecycle import StartAttempt
+    from service.services import open_services
+    from service.settings import from_env
+    from service.worker import Worker
+
+    settings = from_env({}, data_dir=str(tmp_path / "data"), runner="local", runner_network="none")
+    services = await open_services(settings, database_url)
+    worker = Worker(services, name="recovering")  # not run: its deployer and runner only
+    try:
+        from service.deploys import NewDeploy
+
+        new = NewDeploy(workspace="site", action="apply", files={"main.tf": ONE_RESOURCE},
+                        max_attempts=3, auto_approve=False)
+        view, _ = await services.deploys.request(new, owner="ann", actor="user:ann")
+        await services.deploys.execute(view.id, StartAttempt(worker="dead"), "worker:dead")
+        # What the dead worker ran: the request recovery composes is the same run.
+        request = await worker.deployer.prepare(view.id, 1, "site", "apply")
+        assert [s.name for s in request.steps] == ["init", "validate", "plan", "show_plan"]
+        assert request.run == 1 and request.saved_plan is None
+        slot = await worker.runner.acquire_slot(request)
+        try:
+            result = await worker.runner.run(slot, _ignore_line, asyncio.Event())
+        finally:
+            await slot.release()
+        assert result.ok and result.plan is not None
+        await worker.deployer.conclude_recovered(view.id, request, result, "worker lost: test")
+        after = await services.deploys.get(view.id)
+        assert after is not None and after.status == "planned"
+        stream = await services.deploys.stream(view.id)
+        assert [e.type for e in stream] == ["Requested", "Started", "Planned"]
+        async with services.pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM saved_plans WHERE deploy_id = %s", (view.id,))
+            assert (await cur.fetchone())[0] == 1
+
+        from service.lifecycle import Approve
+
+        await services.deploys.execute(view.id, Approve(by="user:ann", state_version=None), "user:ann")
+        await services.deploys.execute(view.id, StartAttempt(worker="dead"), "worker:dead")
+        apply = await worker.deployer.prepare(view.id, 1, "site", "apply")
+        assert [s.name for s in apply.steps] == ["init", "apply_plan"]
+        assert apply.run == 2 and apply.saved_plan == result.plan
+        assert apply.lock_file == result.lock_file
+    finally:
+        await worker.close()
+        await services.close()
+
+
+async def _ignore_line(stream: str, line: str) -> None:
+    return None
