@@ -316,9 +316,16 @@ class Deployer:
             kept_lock = await lockfiles.latest(conn, workspace)
             if kind == "apply" and deploy is not None:
                 plan_id = deploy.plan.plan_id if deploy.plan is not None else ""
-                saved = await planning.load_plan(conn, self.box.keyring, deploy_id, plan_id)
+                try:
+                    saved = await planning.load_plan(conn, self.box.keyring, deploy_id, plan_id)
+                except PlanUnavailable:
+                    if deploy.phase == "queued":
+                        raise
+                    # Recovery concludes a run that already happened: it needs the run's
+                    # state and secrets, not the plan it applied.
+                    saved = None
                 now = latest.version if latest is not None else None
-                if deploy.phase == "queued" and now != saved.base_state_version:
+                if saved is not None and deploy.phase == "queued" and now != saved.base_state_version:
                     raise PlanUnavailable(
                         "plan_stale",
                         f"the approved plan was made against state version "

@@ -453,3 +453,73 @@ async def test_a_dead_workers_plan_run_is_concluded_by_recovery(database_url, tm
 
 async def _ignore_line(stream: str, line: str) -> None:
     return None
+
+
+async def test_an_approved_plan_whose_base_moved_or_that_is_gone_is_not_applied(database_url, tmp_path):
+    """Right before the apply run starts, the deployer checks the saved plan again: a state
+    version written after the approval (a forced write) fails the attempt as plan_stale, a
+    missing plan as plan_missing -- before terraform runs; the next attempt plans again."""
+    from uuid import uuid4
+
+    from service import planning
+    from service.deploys import NewDeploy
+    from service.events import PlanSummary
+    from service.lifecycle import Approve, PlanMade, StartAttempt
+    from service.services import open_services
+    from service.settings import from_env
+    from service.worker import Worker
+
+    settings = from_env({}, data_dir=str(tmp_path / "data"), runner="local", retry_delay=30)
+    services = await open_services(settings, database_url)
+    worker = Worker(services, name="direct")  # not run: its deployer handles the jobs here
+    try:
+        async def approved(workspace: str, *, keep: bool) -> str:
+            new = NewDeploy(workspace=workspace, action="apply", files={"main.tf": ONE_RESOURCE},
+                            max_attempts=3, auto_approve=False)
+            view, _ = await services.deploys.request(new, owner="ann", actor="user:ann")
+            await services.deploys.execute(view.id, StartAttempt(worker="w"), "worker:w")
+            plan_id = str(uuid4())
+            if keep:
+                async with services.pool.connection() as conn:
+                    plan_id, _ = await planning.save_plan(
+                        conn, services.extras["keyring"], deploy_id=view.id, attempt=1,
+                        plan=b"not applied", lock_file=None, base_state_version=None,
+                    )
+            await services.deploys.execute(
+                view.id,
+                PlanMade(summary=PlanSummary(add=1), plan_sha256="ab" * 32, plan_id=plan_id,
+                         base_state_version=None),
+                "worker:w",
+            )
+            await services.deploys.execute(view.id, Approve(by="user:ann", state_version=None), "user:ann")
+            return view.id
+
+        stale = await approved("moved", keep=True)
+        view = await services.deploys.get(stale)
+        assert view is not None
+        content = b'{"version": 4, "serial": 1, "lineage": "forced", "outputs": {}, "resources": []}'
+        serial, lineage, sha, size = index.state_meta(content)
+        store = make_state_store(settings, services.pool)
+        async with services.pool.connection() as conn, conn.transaction():
+            version = await index.next_version(conn, view.workspace_id)
+            stored = await store.put(view.workspace_id, version, content, sha)
+            await index.record_version(conn, view.workspace_id, version, stale, 1, stored, serial,
+                                       lineage, sha, size)
+        gone = await approved("gone", keep=False)
+
+        for deploy_id, reason in ((stale, "plan_stale"), (gone, "plan_missing")):
+            await worker.deployer.handle(deploy_id, 1)
+            stream = await services.deploys.stream(deploy_id)
+            assert [e.type for e in stream][-4:] == ["Approved", "Started", "Failed", "Retried"]
+            started, failed = stream[-3].data, stream[-2].data
+            assert started["step"] == "apply" and started["attempt"] == 1
+            assert failed["reason"] == reason and failed["final"] is False, failed
+            after = await services.deploys.get(deploy_id)
+            assert after is not None and after.status == "retrying"
+            async with services.pool.connection() as conn:
+                cur = await conn.execute("SELECT count(*) FROM deploy_logs WHERE deploy_id = %s", (deploy_id,))
+                assert (await cur.fetchone())[0] == 0  # terraform never ran
+        assert "state version None" in (await services.deploys.stream(stale))[-2].data["message"]
+    finally:
+        await worker.close()
+        await services.close()
