@@ -236,7 +236,9 @@ class Deployer:
                 await self._start_and_fail(deploy_id, "runner_error", str(exc))
                 return
         try:
-            request = await self.prepare(deploy_id, attempt, state.workspace, state.action, deploy=state)
+            request = await self.prepare(
+                deploy_id, attempt, state.workspace, state.action, deploy=state
+            )
         except PlanUnavailable as exc:
             # The approved plan cannot be applied (stale, gone): the attempt fails, and the
             # next one plans again from the workspace's latest state.
@@ -325,11 +327,12 @@ class Deployer:
                     # state and secrets, not the plan it applied.
                     saved = None
                 now = latest.version if latest is not None else None
-                if saved is not None and deploy.phase == "queued" and now != saved.base_state_version:
+                base = saved.base_state_version if saved is not None else now
+                if deploy.phase == "queued" and now != base:
                     raise PlanUnavailable(
                         "plan_stale",
-                        f"the approved plan was made against state version "
-                        f"{saved.base_state_version}, but the workspace is at {now}: planning again",
+                        f"the approved plan was made against state version {base}, but the "
+                        f"workspace is at {now}: planning again",
                     )
         if saved is not None:
             # The providers the plan was made with: its lock file wins over the deploy's own.
@@ -465,23 +468,24 @@ class Deployer:
         persisted: PersistedState | None = None
         content = result.state
         plan_run = planning.makes_plan(request.steps)
-        # A plan run leaves the state it started from (terraform plan writes none): persisted
-        # only if that was not a persisted version (a state the Docker runner adopted from an
-        # earlier attempt's container), so that it is not lost.
         base: int | None = None
-        unpersisted_start = False
-        if plan_run and content is not None:
-            try:
-                async with self.pool.connection() as conn:
-                    base = await planning.base_version(conn, request.workspace, content)
-            except LookupError:
-                unpersisted_start = True
-        changed = content is not None and (
-            (ok and not plan_run)
-            or unpersisted_start
-            or request.state is None
-            or _sha(content) != _sha(request.state)
-        )
+        if plan_run:
+            # A plan run leaves the state it started from (terraform plan writes none): it is
+            # persisted only if it is not a persisted version already (a state the Docker runner
+            # adopted from an earlier attempt's container), so that it is not lost -- never
+            # because it differs from the latest (a recoverer's request may be newer).
+            unpersisted_start = False
+            if content is not None:
+                try:
+                    async with self.pool.connection() as conn:
+                        base = await planning.base_version(conn, request.workspace, content)
+                except LookupError:
+                    unpersisted_start = True
+            changed = unpersisted_start
+        else:
+            changed = content is not None and (
+                ok or request.state is None or _sha(content) != _sha(request.state)
+            )
         if changed and content is not None:
             try:
                 persisted = await self._persist(
@@ -538,7 +542,9 @@ class Deployer:
         speculative plan, nor one with nothing to do), then PlanMade -- made against ``base``,
         the state version the run started from."""
 
-        def failed(message: str, *, step: Any = None, reason: str = "apply_failed", counted: bool = True) -> AttemptFailed:
+        def failed(
+            message: str, *, step: Any = None, reason: str = "apply_failed", counted: bool = True
+        ) -> AttemptFailed:
             return AttemptFailed(
                 reason=reason,
                 message=message,
