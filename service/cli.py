@@ -601,6 +601,42 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(go(db.url))
 
 
+def cmd_plan_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``approve ID`` / ``discard ID``: a planned deploy's plan, from the shell, recorded as
+    ``admin:<actor>`` (the shell's user) like ``replay``."""
+    from uuid import UUID
+
+    from service import planning
+    from service.deploys import NotFound
+    from service.lifecycle import IllegalTransition
+
+    actor = f"admin:{args.actor}"
+    try:
+        deploy_id = str(UUID(args.id))
+    except ValueError:
+        print(f"{_safe(args.id)}: not a deploy id", file=sys.stderr)
+        return 2
+
+    async def go(url: str) -> int:
+        async with services_for(settings, url, pool_size=2) as services:
+            view = await services.deploys.get(deploy_id)
+            try:
+                if view is None:
+                    raise NotFound(deploy_id)
+                view, _ = await planning.command(
+                    services.deploys, view, args.command, by=actor, actor=actor, owner=actor
+                )
+            except (IllegalTransition, NotFound) as exc:
+                print(f"{deploy_id}: {exc if isinstance(exc, IllegalTransition) else 'not found'}",
+                      file=sys.stderr)
+                return 1
+            print(f"{deploy_id} {view.status} (attempt {view.attempt} of {view.max_attempts})")
+            return 0
+
+    with database(settings, quiet=True) as db:
+        return asyncio.run(go(db.url))
+
+
 def cmd_projections(settings: Settings, args: argparse.Namespace) -> int:
     from service import store
 
@@ -725,6 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--since", type=parse_age, help="with --failed: failed within this age, e.g. 1h")
     rp.add_argument("--actor", default=os.environ.get("USER", "cli"), help="recorded as admin:<actor>")
 
+    for verb, what in (
+        ("approve", "apply a planned deploy's saved plan"),
+        ("discard", "discard a planned deploy's plan: it ends discarded"),
+    ):
+        vp = sub.add_parser(verb, help=what)
+        vp.add_argument("id", help="the deploy's id")
+        vp.add_argument("--actor", default=os.environ.get("USER", "cli"), help="recorded as admin:<actor>")
+
     kp = sub.add_parser("keys", help="the key ring of TFDEPLOY_SECRETS_KEY")
     ksub = kp.add_subparsers(dest="keys_cmd", required=True)
     ksub.add_parser("generate", help="print a new key (put it first in TFDEPLOY_SECRETS_KEY)")
@@ -753,6 +797,8 @@ COMMANDS = {
     "token": cmd_token,
     "workspace": cmd_workspace,
     "replay": cmd_replay,
+    "approve": cmd_plan_command,
+    "discard": cmd_plan_command,
     "projections": cmd_projections,
     "events": cmd_events,
 }

@@ -3,9 +3,13 @@
 a place under the cap (``runner.reserve``) -> the run's inputs and steps -> its container /
 sandbox (``runner.prepare``) -> ``Started`` -> terraform runs (output into the log store,
 bounded) -> the state it left is checked and persisted -> the outcome goes to the decider
-(``Succeeded``, ``Failed`` + ``Retried``, ``Cancelled``) -> if the state cannot be persisted,
-destroy what the apply made; if it is not a state at all, rescue what there is and fail
-(``state_invalid``).
+(``Succeeded``, ``Failed`` + ``Retried``, ``Cancelled``, or for a plan run ``PlanMade``) -> if
+the state cannot be persisted, destroy what the apply made; if it is not a state at all, rescue
+what there is and fail (``state_invalid``).
+
+Which run an attempt makes follows the deploy's state (``service.planning.run_for``): a whole
+run; a plan (speculative, or one that waits for approval: its plan file is sealed and kept
+before ``PlanMade``); or the apply of an approved saved plan, with the lock file it was made with.
 """
 
 from __future__ import annotations
@@ -24,19 +28,22 @@ import msgspec
 import psycopg
 import psycopg_pool
 
-from service import lockfiles, store
+from service import lockfiles, planning, store
 from service.deploys import Deploys, NotFound
 from service.lifecycle import (
     AttemptFailed,
     AttemptInterrupted,
     AttemptSucceeded,
+    DeployState,
     IllegalTransition,
     PersistedState,
+    PlanMade,
     StartAttempt,
     StateNotPersisted,
     fold,
 )
 from service.logs import append_lines
+from service.planning import PlanUnavailable
 from service.providers import Providers
 from service.queries import q
 from service.queue import WorkerStopping
@@ -48,7 +55,6 @@ from service.runners.base import (
     RunResult,
     Slot,
     Step,
-    steps_for,
 )
 from service.secrets import Masker, SecretBox
 from service.settings import Settings
@@ -211,7 +217,7 @@ class Deployer:
             raise
         self.active.add(deploy_id)
         try:
-            await self._handle_queued(deploy_id, attempt, state.workspace, state.action, reservation)
+            await self._handle_queued(deploy_id, attempt, state, reservation)
         finally:
             self.active.discard(deploy_id)
 
@@ -219,8 +225,7 @@ class Deployer:
         self,
         deploy_id: str,
         attempt: int,
-        workspace: str,
-        action: str,
+        state: DeployState,
         reservation: Reservation | None,
     ) -> None:
         if reservation is None:
@@ -231,7 +236,15 @@ class Deployer:
                 await self._start_and_fail(deploy_id, "runner_error", str(exc))
                 return
         try:
-            request = await self.prepare(deploy_id, attempt, workspace, action)
+            request = await self.prepare(
+                deploy_id, attempt, state.workspace, state.action, deploy=state
+            )
+        except PlanUnavailable as exc:
+            # The approved plan cannot be applied (stale, gone): the attempt fails, and the
+            # next one plans again from the workspace's latest state.
+            await reservation.release()
+            await self._start_and_fail(deploy_id, exc.reason, str(exc))
+            return
         except BaseException:
             await reservation.release()
             raise
@@ -276,10 +289,24 @@ class Deployer:
         action: str,
         *,
         steps: list[Step] | None = None,
-        run: int = 1,
+        run: int | None = None,
+        deploy: DeployState | None = None,
     ) -> RunRequest:
         """The request of a run of ``attempt``: its inputs, the workspace's latest state, and
-        ``steps`` (default: the whole run of ``action``, ``steps_for``)."""
+        ``steps``. Without ``steps``, the run the deploy is at (``deploy``, else read from its
+        stream): a queued deploy's next run, a running one's current run (recovery) --
+        ``planning.run_for``. The apply of an approved plan gets the saved plan and the lock
+        file it was made with; if that plan is gone, or (for a run about to start) its base is
+        no longer the workspace's latest state, PlanUnavailable."""
+        kind = "run"
+        if steps is None:
+            if deploy is None:
+                async with self.pool.connection() as conn:
+                    deploy = fold(e.event for e in await store.read_stream(conn, deploy_id))
+            kind = deploy.next_step if deploy.phase == "queued" else deploy.step
+            steps, composed = planning.run_for(deploy, kind)
+            run = run or composed
+        saved: planning.SavedPlan | None = None
         async with self.pool.connection() as conn:
             cur = await conn.execute(q("get_inputs"), {"deploy_id": deploy_id})
             files, variables, _ = await cur.fetchone()
@@ -289,6 +316,29 @@ class Deployer:
             workspace = await workspace_key(conn, deploy_id)
             latest = await index.latest(conn, workspace)
             kept_lock = await lockfiles.latest(conn, workspace)
+            if kind == "apply" and deploy is not None:
+                plan_id = deploy.plan.plan_id if deploy.plan is not None else ""
+                try:
+                    saved = await planning.load_plan(conn, self.box.keyring, deploy_id, plan_id)
+                except PlanUnavailable:
+                    if deploy.phase == "queued":
+                        raise
+                    # Recovery concludes a run that already happened: it needs the run's
+                    # state and secrets, not the plan it applied.
+                    saved = None
+                now = latest.version if latest is not None else None
+                base = saved.base_state_version if saved is not None else now
+                if deploy.phase == "queued" and now != base:
+                    raise PlanUnavailable(
+                        "plan_stale",
+                        f"the approved plan was made against state version {base}, but the "
+                        f"workspace is at {now}: planning again",
+                    )
+        if saved is not None:
+            # The providers the plan was made with: its lock file wins over the deploy's own.
+            files = {k: v for k, v in files.items() if k != lockfiles.LOCK_FILE_NAME}
+            if saved.lock_file is not None:
+                kept_lock = saved.lock_file.decode()
         secrets = self.box.decrypt(bytes(row[0])) if row else {}
         start_state = None
         if latest is not None:
@@ -296,12 +346,13 @@ class Deployer:
         return RunRequest(
             deploy_id=deploy_id,
             attempt=attempt,
-            run=run,
+            run=run or 1,
             workspace=workspace,
-            steps=steps if steps is not None else steps_for(action),
+            steps=steps,
             # The files, the lock file to use and how providers install (a host-side fill of
             # the provider cache may happen here, before the run takes a place under the cap).
             **await self.providers.run_inputs(files, kept_lock),
+            saved_plan=saved.plan if saved is not None else None,
             state=start_state,
             variables=variables,
             secrets=secrets,
@@ -400,10 +451,11 @@ class Deployer:
         slot: Slot | None = None,
     ) -> None:
         """State first, then the outcome: persist what terraform left, then AttemptSucceeded /
-        AttemptFailed / AttemptInterrupted; destroy if the state cannot be kept, rescue and
-        fail (``state_invalid``) if it is not a state. ``reason`` ``worker_stopped``: this
-        worker interrupted the run to stop (not a user's cancel). ``slot``: the run's, still
-        held (a destroy may use its place)."""
+        AttemptFailed / AttemptInterrupted (a plan run that ended well: PlanMade, its plan
+        kept first); destroy if the state cannot be kept, rescue and fail (``state_invalid``)
+        if it is not a state. ``reason`` ``worker_stopped``: this worker interrupted the run to
+        stop (not a user's cancel). ``slot``: the run's, still held (a destroy may use its
+        place)."""
         masker = writer.masker
         # PostgreSQL holds the index (and by default the state): if it is away, wait for it
         # rather than treat a short outage as a refusing store.
@@ -421,9 +473,25 @@ class Deployer:
             return
         persisted: PersistedState | None = None
         content = result.state
-        changed = content is not None and (
-            ok or request.state is None or _sha(content) != _sha(request.state)
-        )
+        plan_run = planning.makes_plan(request.steps)
+        base: int | None = None
+        if plan_run:
+            # A plan run leaves the state it started from (terraform plan writes none): it is
+            # persisted only if it is not a persisted version already (a state the Docker runner
+            # adopted from an earlier attempt's container), so that it is not lost -- never
+            # because it differs from the latest (a recoverer's request may be newer).
+            unpersisted_start = False
+            if content is not None:
+                try:
+                    async with self.pool.connection() as conn:
+                        base = await planning.base_version(conn, request.workspace, content)
+                except LookupError:
+                    unpersisted_start = True
+            changed = unpersisted_start
+        else:
+            changed = content is not None and (
+                ok or request.state is None or _sha(content) != _sha(request.state)
+            )
         if changed and content is not None:
             try:
                 persisted = await self._persist(
@@ -444,6 +512,8 @@ class Deployer:
             error = f"the worker stopped; attempt interrupted with its state kept\n{error}"
         if result.interrupted and not handed_over:
             command: Any = AttemptInterrupted(state=persisted)
+        elif ok and plan_run:
+            command = await self._plan_outcome(deploy_id, request, result, base, persisted)
         elif ok and persisted is not None:
             command = AttemptSucceeded(state=persisted)
         else:
@@ -466,6 +536,77 @@ class Deployer:
             await self._execute_retrying(deploy_id, command)
         except IllegalTransition:
             log.warning("outcome of %s no longer applies: %s", deploy_id, command)
+
+    async def _plan_outcome(
+        self,
+        deploy_id: str,
+        request: RunRequest,
+        result: RunResult,
+        base: int | None,
+        persisted: PersistedState | None,
+    ) -> PlanMade | AttemptFailed:
+        """A plan run that ended well: its changes (``planning.read_plan``, no values), the
+        plan file sealed into ``saved_plans`` FIRST when it may be applied (not for a
+        speculative plan, nor one with nothing to do), then PlanMade -- made against ``base``,
+        the state version the run started from."""
+
+        def failed(
+            message: str, *, step: Any = None, reason: str = "apply_failed", counted: bool = True
+        ) -> AttemptFailed:
+            return AttemptFailed(
+                reason=reason,
+                message=message,
+                exit_code=result.exit_code,
+                step=step,
+                kind="other" if step is not None else None,
+                state=persisted,
+                retry_delay=self.settings.retry_delay if counted else 0.0,
+                counted=counted,
+            )
+
+        if persisted is not None:
+            # It started from a state that was not a persisted version; now it is one, and the
+            # plan was not made against any version a person could approve: plan again.
+            return failed(
+                "the plan was made from a state an earlier attempt left unpersisted; that state "
+                f"is now version {persisted.state_version} and the next attempt plans from it",
+                reason="plan_stale",
+                counted=False,
+            )
+        if result.plan_json is None:
+            return failed("the run left no plan JSON", step="show_plan")
+        try:
+            reading = await asyncio.to_thread(planning.read_plan, result.plan_json)
+        except planning.PlanUnreadable as exc:
+            return failed(str(exc), step="show_plan")
+        view = await self.deploys.get(deploy_id)
+        speculative = view is not None and view.action == "plan"
+        plan_id, sha = "", ""
+        if reading.changed and not speculative:
+            if result.plan is None:
+                return failed("the run left no plan file", step="plan")
+
+            async def keep() -> tuple[str, str]:
+                async with self.pool.connection() as conn:
+                    return await planning.save_plan(
+                        conn,
+                        self.box.keyring,
+                        deploy_id=deploy_id,
+                        attempt=request.attempt,
+                        plan=result.plan or b"",
+                        lock_file=lockfiles.from_result(result),
+                        base_state_version=base,
+                    )
+
+            plan_id, sha = await self._db_retrying(f"keeping the plan of {deploy_id}", keep)
+        return PlanMade(
+            summary=reading.summary,
+            changes=reading.changes,
+            changed=reading.changed,
+            plan_sha256=sha,
+            plan_id=plan_id,
+            base_state_version=base,
+        )
 
     async def _state_invalid(
         self, deploy_id: str, request: RunRequest, result: RunResult, problem: str, writer: LogWriter

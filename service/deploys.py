@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -232,9 +232,20 @@ class Deploys:
     # ------------------------------------------------------------ commands
 
     async def execute(
-        self, deploy_id: str | UUID, command: Command, actor: str
+        self,
+        deploy_id: str | UUID,
+        command: Command,
+        actor: str,
+        *,
+        also: Sequence[tuple[str, dict[str, Any]]] = (),
+        check: Callable[[Sequence[StoredEvent], DeployState], None] | None = None,
     ) -> tuple[list[StoredEvent], DeployView]:
         """Decide and append what follows ``command``; retried on a version conflict.
+
+        ``also``: further named statements for the append's transaction (an Idempotency-Key of
+        the command). ``check``: called with the stream read in that transaction and its state
+        before deciding; it raises IllegalTransition to refuse (a plan's TTL: only a plan that
+        is still the expired one is discarded).
 
         Raises NotFound, or lifecycle.IllegalTransition when the command is not allowed now.
         """
@@ -248,6 +259,8 @@ class Deploys:
                     if not prior:
                         raise NotFound(deploy_id)
                     state = fold(e.event for e in prior)
+                    if check is not None:
+                        check(prior, state)
                     events = decide(command, state)
                     workspace_key = await workspaces.key_of(conn, deploy_id, prior)
                     # What the events require, then the append and the COMMIT, in one round
@@ -259,7 +272,10 @@ class Deploys:
                         events,
                         actor,
                         prior=prior,
-                        before=self._reactions(deploy_id, state, events, workspace_key),
+                        before=[
+                            *self._reactions(deploy_id, state, events, workspace_key),
+                            *also,
+                        ],
                     )
                     stream = [*prior, *new]
                     return new, view_of(stream, await store.legacy_for(conn, [e.event for e in stream]))

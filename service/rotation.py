@@ -6,7 +6,7 @@ stored in plain text (tfstate versions and emergency copies; S3 objects listed b
 0008 in ``unsealed_s3_objects``).
 
 One function per kind of blob: ``reseal_state_blobs``, ``reseal_emergency_copies``,
-``reseal_secrets``, ``reseal_s3_objects``. A new kind of sealed column (saved plans) is one
+``reseal_secrets``, ``reseal_saved_plans``, ``reseal_s3_objects``. A new kind of sealed column (saved plans) is one
 ``SealedColumn`` added to ``SEALED_COLUMNS``; ``reseal_column`` does the rest.
 
 Resumable by construction: each row is re-sealed in a transaction of its own (read under ``FOR
@@ -94,8 +94,10 @@ EMERGENCY_COPIES = SealedColumn(
 SECRETS = SealedColumn(
     "deploy secrets", "deploy_secrets", ("deploy_id",), "ciphertext", legacy=_fernet
 )
+# Plan files kept for approval (migration 0010): sealed from the first one written.
+SAVED_PLANS = SealedColumn("saved plans", "saved_plans", ("id",), "content")
 # Every sealed column in PostgreSQL, in the order `keys rotate` takes them.
-SEALED_COLUMNS: list[SealedColumn] = [STATE_BLOBS, EMERGENCY_COPIES, SECRETS]
+SEALED_COLUMNS: list[SealedColumn] = [STATE_BLOBS, EMERGENCY_COPIES, SECRETS, SAVED_PLANS]
 
 
 def _candidates(
@@ -183,6 +185,10 @@ def reseal_emergency_copies(conn: psycopg.Connection[Any], keyring: KeyRing, **k
 
 def reseal_secrets(conn: psycopg.Connection[Any], keyring: KeyRing, **kw: Any) -> Report:
     return reseal_column(conn, keyring, SECRETS, **kw)
+
+
+def reseal_saved_plans(conn: psycopg.Connection[Any], keyring: KeyRing, **kw: Any) -> Report:
+    return reseal_column(conn, keyring, SAVED_PLANS, **kw)
 
 
 S3_KIND = "state versions (S3)"

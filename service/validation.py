@@ -313,8 +313,8 @@ def validate(
             isinstance(k, str) and isinstance(v, str) for k, v in given.items()
         ):
             raise _invalid(f"{field} must be an object of strings")
-    if req.action not in ("apply", "destroy"):
-        raise _invalid(f"action must be 'apply' or 'destroy', not {_show(str(req.action))}")
+    if req.action not in ("apply", "destroy", "plan"):
+        raise _invalid(f"action must be 'apply', 'destroy' or 'plan', not {_show(str(req.action))}")
     if req.max_attempts is not None and (
         not isinstance(req.max_attempts, int)
         or isinstance(req.max_attempts, bool)

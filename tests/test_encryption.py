@@ -28,7 +28,7 @@ import pytest
 from cryptography.fernet import Fernet
 from moto.server import ThreadedMotoServer
 
-from service import rotation
+from service import planning, rotation
 from service.migrate import migrate, migrations_dir
 from service.secrets import KeyRing, SecretBox, generate_key
 from service.settings import Settings, from_env
@@ -204,13 +204,14 @@ async def test_a_sensitive_value_in_the_state_is_nowhere_at_rest(
 
 class Stored:
     """A bit of everything, sealed under ``ring``: state versions in PostgreSQL and S3 (with
-    their index rows), emergency copies, secrets."""
+    their index rows), emergency copies, secrets, saved plans."""
 
     def __init__(self) -> None:
         self.states: dict[tuple[str, int], bytes] = {}
         self.s3_states: dict[tuple[str, int], tuple[str, bytes]] = {}
         self.emergency: dict[str, bytes] = {}
         self.secrets: dict[str, dict[str, str]] = {}
+        self.plans: dict[str, bytes] = {}
 
 
 async def store_some(pool: Any, ring: KeyRing, s3: S3StateStore | None, n: int = 3) -> Stored:
@@ -230,6 +231,13 @@ async def store_some(pool: Any, ring: KeyRing, s3: S3StateStore | None, n: int =
             await conn.execute("INSERT INTO deploy_secrets VALUES (%s, %s)",
                                (deploy_id, SecretBox(ring).encrypt(secrets)))
             out.secrets[deploy_id] = secrets
+            plan = f"plan file {i} with a variable value pw-{i}".encode()
+            async with conn.transaction():
+                plan_id, _ = await planning.save_plan(
+                    conn, ring, deploy_id=deploy_id, attempt=1, plan=plan, lock_file=None,
+                    base_state_version=i,
+                )
+            out.plans[f"{deploy_id}/{plan_id}"] = plan
             if s3 is not None:
                 stored = await s3.put("bucketed", i, content, sha(content))
                 async with conn.transaction():
@@ -253,6 +261,9 @@ async def check_all_under(pool: Any, ring: KeyRing, s3: S3StateStore | None, sto
                                      (deploy_id,))
             blob = (await cur.fetchone())[0]
             assert ring.sealed_with_primary(blob) and SecretBox(ring).decrypt(blob) == secrets
+        for key, plan in stored.plans.items():
+            deploy_id, plan_id = key.split("/")
+            assert (await planning.load_plan(conn, ring, deploy_id, plan_id)).plan == plan
         for col in rotation.SEALED_COLUMNS:
             cur = await conn.execute(f"SELECT {col.column} FROM {col.table}")
             assert all(ring.sealed_with_primary(b) for (b,) in await cur.fetchall()), col.table
@@ -291,11 +302,11 @@ async def test_rotate_reseals_every_kind_under_the_first_key(pool: Any, database
         reports = rotation.rotate(conn, both, new_s3)
         assert {r.kind: r.resealed for r in reports} == {
             rotation.STATE_BLOBS.kind: 4, rotation.EMERGENCY_COPIES.kind: 3,
-            rotation.SECRETS.kind: 4, rotation.S3_KIND: 3,
+            rotation.SECRETS.kind: 4, rotation.SAVED_PLANS.kind: 3, rotation.S3_KIND: 3,
         }
         assert all(r.finished for r in reports)
         again = rotation.rotate(conn, both, new_s3)  # nothing left: a second run does nothing
-        assert [r.resealed for r in again] == [0, 0, 0, 0] and all(r.finished for r in again)
+        assert [r.resealed for r in again] == [0] * 5 and all(r.finished for r in again)
     await check_all_under(pool, KeyRing(new), s3, stored)
 
 

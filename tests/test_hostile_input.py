@@ -953,7 +953,7 @@ async def test_another_users_token_on_every_id_taking_route_answers_as_for_an_un
         for (method, template), role in sorted(ROUTES.items())
         if role != "open" and ("{deploy_id" in template or "{name" in template)
     ]
-    assert len(named) == 20
+    assert len(named) == 23
     unknown_ws = "ann:no-such-ws"
 
     def comparable(response: httpx.Response) -> tuple[int, dict[str, str], bytes]:

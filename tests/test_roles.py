@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -43,12 +44,14 @@ from service.api.app import create_app
 from service.api.tfstate import LOCK_METHODS
 from service.auth import create_token, create_user_token, list_tokens, revoke_token
 from service.deploys import NewDeploy
+from service.events import PlanChange, PlanSummary
 from service.lifecycle import (
     AttemptFailed,
     AttemptSucceeded,
     Cancel,
     IllegalTransition,
     PersistedState,
+    PlanMade,
     Replay,
     StartAttempt,
 )
@@ -108,6 +111,11 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("POST", "/deploys/{deploy_id:str}/cancel"): DEPLOY,  # a queued deploy of ann:prod
     # An admin's; another user does not even see the deploy.
     ("POST", "/deploys/{deploy_id:str}/replay"): row(403, 403, 403, 404, 202),
+    # A planned deploy of ann:prod: its plan is read like the deploy, approved or discarded by
+    # whoever may deploy to the workspace.
+    ("GET", "/deploys/{deploy_id:str}/plan"): READ,
+    ("POST", "/deploys/{deploy_id:str}/approve"): DEPLOY,
+    ("POST", "/deploys/{deploy_id:str}/discard"): DEPLOY,
     ("GET", "/workspaces"): ANY_USER,  # each sees what they may (checked below)
     ("GET", "/workspaces/{name:str}/state"): READ,
     ("GET", "/workspaces/{name:str}/states"): READ,
@@ -195,6 +203,28 @@ async def fail(services: Services, deploy_id: str) -> None:
     await services.deploys.execute(
         deploy_id, AttemptFailed(reason="apply_failed", message="boom"), "worker:w1"
     )
+
+
+async def planned(services: Services, owner: str, *, workspace: str, base: int | None) -> str:
+    """A deploy that waits for approval of a plan made against state version ``base``."""
+    new = NewDeploy(
+        workspace=workspace, action="apply", files={"main.tf": MAIN_TF}, max_attempts=1,
+        auto_approve=False,
+    )
+    view, _ = await services.deploys.request(new, owner=owner, actor=f"user:{owner}")
+    await services.deploys.execute(view.id, StartAttempt(worker="w1"), "worker:w1")
+    await services.deploys.execute(
+        view.id,
+        PlanMade(
+            summary=PlanSummary(add=1),
+            changes=[PlanChange(address="null_resource.x", type="null_resource", actions=["create"])],
+            plan_sha256="ab" * 32,
+            plan_id=str(uuid4()),
+            base_state_version=base,
+        ),
+        "worker:w1",
+    )
+    return view.id
 
 
 def persisted(workspace: str, version: int = 1) -> PersistedState:
@@ -365,6 +395,10 @@ async def test_every_route_for_every_caller(
     async def replay() -> tuple[str, dict[str, Any]]:
         return f"/deploys/{await failed()}/replay", {}
 
+    async def plan_route(verb: str) -> tuple[str, dict[str, Any]]:
+        d = await planned(services, "ann", workspace="prod", base=1)  # prod is at version 1
+        return f"/deploys/{d}/{verb}", {}
+
     async def add_member() -> tuple[str, dict[str, Any]]:
         await bob_is(None)
         return "/workspaces/ann:prod/members/bob", {"json": {"role": "read"}}
@@ -413,6 +447,9 @@ async def test_every_route_for_every_caller(
         ("POST", "/deploys"): post_deploy,
         ("POST", "/deploys/{deploy_id:str}/cancel"): cancel,
         ("POST", "/deploys/{deploy_id:str}/replay"): replay,
+        ("GET", "/deploys/{deploy_id:str}/plan"): lambda: plan_route("plan"),
+        ("POST", "/deploys/{deploy_id:str}/approve"): lambda: plan_route("approve"),
+        ("POST", "/deploys/{deploy_id:str}/discard"): lambda: plan_route("discard"),
         ("PUT", "/workspaces/{name:str}/members/{user:str}"): add_member,
         ("DELETE", "/workspaces/{name:str}/members/{user:str}"): remove_member,
         ("GET", "/deploys"): lambda: with_query("/deploys"),
@@ -561,7 +598,7 @@ async def test_another_users_deploy_or_workspace_is_404_on_every_route_that_name
         for (method, template), role in ROUTES.items()
         if role != "open" and ("{deploy_id" in template or "{name" in template)
     ]
-    assert len(named) == 20
+    assert len(named) == 23
     for method, template in named:
         url = concrete(template, anns, "ann:anns-ws")
         body = {"role": "read"} if method == "PUT" else None

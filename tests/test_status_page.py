@@ -200,7 +200,14 @@ async def open_page(
 
 
 async def submit(
-    page: Any, config: str, *, workspace: str, variables: str = "", attempts: str = ""
+    page: Any,
+    config: str,
+    *,
+    workspace: str,
+    variables: str = "",
+    attempts: str = "",
+    action: str = "apply",
+    auto_approve: bool = True,
 ) -> str:
     """Fills the form, submits it, and returns the new deploy's id (from the list row)."""
     before = set(
@@ -210,6 +217,9 @@ async def submit(
     await page.locator("#f-files .file-content").first.fill(config)
     await page.fill("#f-variables", variables)
     await page.fill("#f-attempts", attempts)
+    await page.select_option("#f-action", action)
+    if action != "plan":
+        await page.set_checked("#f-auto-approve", auto_approve)
     await page.click("#f-submit")
     await page.wait_for_function(
         "n => document.querySelectorAll('.deploy-row').length > n", arg=len(before)
@@ -463,3 +473,201 @@ async def test_static_files_are_served_from_an_allow_list(database_url, tmp_path
             assert "/static/{name}" not in (await client.get("/schema/openapi.json")).text
     finally:
         await services.close()
+
+
+# ---------------------------------------------------------------- plans, approval, outputs
+
+TWO_AND_OUTPUTS = """
+variable "name" { default = "web" }
+resource "terraform_data" "web" {
+  input = var.name
+  provisioner "local-exec" { command = "sleep 1; echo APPLIED-${self.input}" }
+}
+resource "terraform_data" "db" {
+  input = "db-${var.name}"
+}
+output "url" { value = "https://${var.name}.example" }
+output "password" {
+  value     = "pw-${var.name}-Secr3t"
+  sensitive = true
+}
+"""
+
+REPLACEABLE = """
+variable "generation" { default = "1" }
+resource "terraform_data" "box" {
+  triggers_replace = var.generation
+}
+resource "terraform_data" "fresh" {
+  count = var.generation == "1" ? 0 : 1
+}
+"""
+
+
+async def plan_rows(page: Any) -> list[tuple[str, str, str]]:
+    rows = await page.eval_on_selector_all(
+        "#d-plan-changes > li",
+        "ls => ls.map(l => [l.dataset.address, l.dataset.action, l.querySelector('.pc-sym').textContent])",
+    )
+    return [tuple(r) for r in rows]
+
+
+@pytest.mark.browser
+async def test_page_shows_a_plan_approves_it_and_follows_the_apply(browser, database_url, tmp_path):
+    from playwright.async_api import expect
+
+    async with live_server(database_url, tmp_path) as live, open_page(browser, live) as page:
+        await page.select_option("#f-action", "apply")
+        await page.set_checked("#f-auto-approve", False)
+        await expect(page.locator("#f-submit")).to_have_text("Plan for review")
+        deploy_id = await submit(
+            page, TWO_AND_OUTPUTS, workspace="shop", variables="name=zebra", auto_approve=False
+        )
+        badge = page.locator("#d-badge .badge")
+        await expect(badge).to_have_attribute("data-status", "planned", timeout=60_000)
+        await expect(badge).to_contain_text("승인 대기")
+        await expect(badge).to_contain_text("planned")
+        # The plan: each resource with terraform's symbol, the counts, the buttons.
+        await expect(page.locator("#d-plan")).to_be_visible()
+        await expect(page.locator("#d-plan-changes > li")).to_have_count(2)
+        assert sorted(await plan_rows(page)) == [
+            ("terraform_data.db", "create", "+"),
+            ("terraform_data.web", "create", "+"),
+        ]
+        await expect(page.locator("#d-plan-summary")).to_contain_text("+2 to add")
+        await expect(page.locator("#d-plan-summary")).to_contain_text("-0 to destroy")
+        await expect(page.locator("#d-plan-note")).to_contain_text("승인 대기")
+        create_colour = await page.eval_on_selector(
+            '#d-plan-changes li[data-action="create"] .pc-sym', "e => getComputedStyle(e).color"
+        )
+        assert create_colour == "rgb(21, 128, 61)", create_colour  # terraform's green
+        approve = page.locator("#d-approve")
+        await expect(approve).to_be_visible()
+        await expect(page.locator("#d-discard")).to_be_visible()
+        await expect(page.locator('#d-timeline li[data-type="Planned"]')).to_contain_text(
+            "waits for approval"
+        )
+        assert "APPLIED-zebra" not in await page.locator("#d-log").inner_text()
+        await page.screenshot(path=str(screenshot_path("status-page-plan.png")), full_page=True)
+
+        await approve.click()
+        await expect(badge).to_contain_text("배포 완료", timeout=60_000)
+        await expect(page.locator("#d-plan-actions")).to_be_hidden()
+        await expect(page.locator("#d-plan-note")).to_contain_text("Applied")
+        await expect(page.locator("#d-log")).to_contain_text("APPLIED-zebra")
+        types = await page.eval_on_selector_all(
+            "#d-timeline > li", "ls => ls.map(l => l.dataset.type)"
+        )
+        assert types == [
+            "Requested", "Started", "Planned", "Approved", "Started", "StatePersisted", "Succeeded",
+        ], types
+        await expect(page.locator('#d-timeline li[data-type="Approved"]')).to_contain_text(
+            "by user:ann"
+        )
+        # The workspace's outputs (the sensitive one as such, never its value) and resources.
+        await expect(page.locator("#d-workspace")).to_be_visible()
+        url_row = page.locator('#d-outputs tr[data-output="url"]')
+        await expect(url_row).to_contain_text("https://zebra.example")
+        secret_row = page.locator('#d-outputs tr[data-output="password"]')
+        await expect(secret_row).to_contain_text("(sensitive · 민감)")
+        assert await secret_row.get_attribute("data-sensitive") == "true"
+        assert "Secr3t" not in await page.content()
+        await expect(page.locator("#d-resources > li")).to_have_count(2)
+        await expect(page.locator("#d-resources")).to_contain_text("terraform_data.web")
+
+        # Without a reload: the badge went planned -> queued/deploying -> succeeded.
+        history = await page.evaluate(f"window.__badgeHistory[{deploy_id!r}]")
+        assert history[-1] == "succeeded" and "planned" in history, history
+        assert history.index("planned") < len(history) - 1
+        assert await page.evaluate("window.__loadCount") == 1
+        probe = await page.evaluate("window.tfdeploy")
+        assert probe["streamOpens"] >= 1 and probe["logPolls"] == 0, probe
+        assert page.errors == []
+        await page.screenshot(path=str(screenshot_path("status-page-applied.png")), full_page=True)
+
+
+@pytest.mark.browser
+async def test_page_discards_a_plan_and_shows_buttons_only_to_who_may_act(
+    browser, database_url, tmp_path
+):
+    from playwright.async_api import expect
+
+    from service import workspaces
+
+    async with live_server(database_url, tmp_path) as live:
+        async with open_page(browser, live) as page:
+            deploy_id = await submit(page, QUICK, workspace="review", auto_approve=False)
+            badge = page.locator("#d-badge .badge")
+            await expect(badge).to_have_attribute("data-status", "planned", timeout=60_000)
+            await expect(page.locator("#d-approve")).to_be_visible()
+
+        # A read member sees the plan, not the buttons; a deploy member sees both.
+        async with live.services.pool.connection() as conn:
+            rita = await create_token(conn, "rita")
+            dave = await create_token(conn, "dave")
+            ws = await workspaces.find(conn, "ann", "review")
+        assert ws is not None
+        await workspaces.set_member(live.services.pool, ws, "rita", "read", "user:ann")
+        await workspaces.set_member(live.services.pool, ws, "dave", "deploy", "user:ann")
+        for token, may in ((rita, False), (dave, True)):
+            async with open_page(browser, live, token=token) as page:
+                await page.goto(live.url + f"/#/deploys/{deploy_id}")
+                await expect(page.locator("#d-badge .badge")).to_contain_text("승인 대기")
+                await expect(page.locator("#d-plan-changes > li")).to_have_count(1)
+                await page.wait_for_function("() => window.tfdeploy.planRenders >= 1")
+                await asyncio.sleep(0.5)  # the role is asked for after the plan arrived
+                assert await page.locator("#d-approve").is_visible() == may
+                assert page.errors == []
+
+        async with open_page(browser, live) as page:
+            await page.goto(live.url + f"/#/deploys/{deploy_id}")
+            discard = page.locator("#d-discard")
+            await expect(discard).to_be_visible()
+            await discard.click()
+            badge = page.locator("#d-badge .badge")
+            await expect(badge).to_contain_text("폐기됨")
+            await expect(badge).to_have_attribute("data-status", "discarded")
+            await expect(page.locator("#d-plan-actions")).to_be_hidden()
+            await expect(page.locator("#d-plan-note")).to_contain_text("Discarded")
+            await expect(page.locator('#d-timeline li[data-type="Discarded"]')).to_contain_text(
+                "by user:ann"
+            )
+            await expect(page.locator("#d-mode")).to_have_attribute("data-mode", "ended")
+            await expect(page.locator("#d-workspace")).to_be_hidden()
+            assert "QUICK-MARKER" not in await page.locator("#d-log").inner_text()
+            assert page.errors == []
+
+
+@pytest.mark.browser
+async def test_page_shows_a_speculative_plan_with_a_replace(browser, database_url, tmp_path):
+    from playwright.async_api import expect
+
+    async with live_server(database_url, tmp_path) as live, open_page(browser, live) as page:
+        first = await submit(page, REPLACEABLE, workspace="boxes")
+        await expect(page.locator("#d-badge .badge")).to_contain_text("배포 완료", timeout=60_000)
+        await expect(page.locator("#d-workspace")).to_be_visible()
+        await expect(page.locator("#d-outputs-empty")).to_be_visible()
+        plan_id = await submit(
+            page, REPLACEABLE, workspace="boxes", variables="generation=2", action="plan"
+        )
+        assert plan_id != first
+        badge = page.locator("#d-badge .badge")
+        await expect(badge).to_contain_text("계획 완료", timeout=60_000)
+        await expect(badge).to_have_attribute("data-status", "succeeded")
+        await expect(page.locator("#d-plan-changes > li")).to_have_count(2)
+        assert sorted(await plan_rows(page)) == [
+            ("terraform_data.box", "replace", "-/+"),
+            ("terraform_data.fresh[0]", "create", "+"),
+        ]
+        colours = await page.eval_on_selector_all(
+            '#d-plan-changes li[data-action="replace"] .pc-sym > span',
+            "ss => ss.map(s => getComputedStyle(s).color)",
+        )
+        assert colours == ["rgb(185, 28, 28)", "rgb(161, 98, 7)", "rgb(21, 128, 61)"], colours
+        await expect(page.locator("#d-plan-summary")).to_contain_text("+2 to add")
+        await expect(page.locator("#d-plan-summary")).to_contain_text("-1 to destroy")
+        await expect(page.locator("#d-plan-note")).to_contain_text("speculative")
+        await expect(page.locator("#d-plan-actions")).to_be_hidden()
+        await expect(page.locator("#d-workspace")).to_be_hidden()  # a plan changes no state
+        assert page.errors == []
+        await page.screenshot(path=str(screenshot_path("status-page-speculative.png")), full_page=True)

@@ -215,7 +215,7 @@ def test_missing_files_is_422() -> None:
         ({"variables": {"a": {"b": "c"}}}, "variables"),
         ({"variables": ["a"]}, "variables"),
         ({"secrets": {"a": True}}, "secrets"),
-        ({"action": "plan"}, "action"),
+        ({"action": "refresh"}, "action"),
         ({"action": "APPLY"}, "action"),
         ({"action": None}, "action"),
         ({"max_attempts": 0}, "max_attempts"),
@@ -248,7 +248,7 @@ def test_python_built_request_is_checked_too() -> None:
     with pytest.raises(InvalidRequest):
         validate(DeployRequest(files={"main.tf": MAIN}, max_attempts=0), 1024)
     with pytest.raises(InvalidRequest):
-        validate(DeployRequest(files={"main.tf": MAIN}, action="plan"), 1024)  # type: ignore[arg-type]
+        validate(DeployRequest(files={"main.tf": MAIN}, action="refresh"), 1024)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest) as info:
         validate(DeployRequest(files={"main.tf": "x = \ud800"}), 1024)
     assert info.value.status_code == 422

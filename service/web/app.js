@@ -8,24 +8,41 @@
 //   EventSource itself with Last-Event-ID). When the stream cannot be opened (an HTTP error,
 //   e.g. a server without streams), it falls back to polling /events and /logs and tries the
 //   stream again later.
+// - A plan (GET /deploys/{id}/plan, fetched when a Planned event arrives) is shown resource by
+//   resource with terraform's symbols and colours; Approve and Discard appear for a planned
+//   deploy when the caller may deploy to its workspace (their role, from GET /workspaces).
+// - A succeeded apply or destroy shows its workspace's outputs (sensitive ones as such, never a
+//   value) and resources, from the latest state.
 // - Server data only ever reaches the page through textContent / text nodes: no innerHTML.
 "use strict";
 
 (() => {
   const TOKEN_KEY = "tfdeploy.token";
-  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  const TERMINAL = new Set(["succeeded", "failed", "cancelled", "discarded"]);
   const KOREAN = {
     queued: "대기중",
     deploying: "배포중",
     retrying: "재시도중",
+    planned: "승인 대기",
     failed: "배포 실패",
     succeeded: "배포 완료",
     cancelled: "취소됨",
+    discarded: "폐기됨",
   };
   const EVENT_TYPES = [
     "Requested", "Started", "Failed", "Retried", "StatePersisted", "Succeeded", "Destroyed",
-    "StateRescued", "CancelRequested", "Cancelled",
+    "StateRescued", "CancelRequested", "Cancelled", "Planned", "Approved", "Discarded",
   ];
+  // A plan's resource changes as terraform shows them: symbol, words, and the CSS class.
+  const CHANGES = {
+    create: { symbol: "+", en: "create", ko: "생성" },
+    update: { symbol: "~", en: "update", ko: "변경" },
+    replace: { symbol: "-/+", en: "replace", ko: "교체" }, // delete, then create
+    "replace-first": { symbol: "+/-", en: "replace", ko: "교체" }, // create_before_destroy
+    delete: { symbol: "-", en: "delete", ko: "삭제" },
+    read: { symbol: "<=", en: "read", ko: "읽기" },
+    other: { symbol: "?", en: "change", ko: "기타" },
+  };
   const LIST_POLL_MS = 2000;
   const DETAIL_POLL_MS = 1000;
   const STREAM_RETRY_MIN_MS = 3000;
@@ -59,6 +76,7 @@
     globalTried: false,
     listLoaded: false, // the first page of the list has arrived
     detail: null, // the DeployDetail being shown
+    roles: new Map(), // workspace id -> the caller's role in it (null: none), once asked
   };
 
   // ------------------------------------------------------------------ DOM helpers
@@ -132,7 +150,70 @@
   function koreanLabel(deploy) {
     const status = deploy.status;
     if (status === "retrying") return `${KOREAN.retrying} (${deploy.attempt}/${deploy.max_attempts})`;
+    if (status === "succeeded" && deploy.action === "plan") return "계획 완료"; // a plan, not a deploy
     return KOREAN[status] || status;
+  }
+
+  /** "create", "update", "replace", ... for terraform's actions of one resource change. */
+  function changeKind(actions) {
+    const key = (actions || []).join(",");
+    return {
+      create: "create",
+      update: "update",
+      delete: "delete",
+      "delete,create": "replace",
+      "create,delete": "replace-first",
+      read: "read",
+    }[key] || "other";
+  }
+
+  /** The symbol of a change, in terraform's colours: -/+ is a red minus and a green plus. */
+  function changeSymbol(kind) {
+    const parts = { replace: ["-", "/", "+"], "replace-first": ["+", "/", "-"] }[kind];
+    if (!parts) return el("span", { class: "pc-sym", "aria-hidden": "true" }, CHANGES[kind].symbol);
+    const tone = { "-": "pc-minus", "+": "pc-plus", "/": "" };
+    return el(
+      "span",
+      { class: "pc-sym", "aria-hidden": "true" },
+      parts.map((p) => el("span", { class: tone[p] || null }, p)),
+    );
+  }
+
+  function summaryChips(summary) {
+    const s = summary || {};
+    return [
+      el("span", { class: "pc-count pc-create", "data-count": "add" }, `+${s.add || 0} to add · 생성`),
+      el("span", { class: "pc-count pc-update", "data-count": "change" }, `~${s.change || 0} to change · 변경`),
+      el("span", { class: "pc-count pc-delete", "data-count": "destroy" }, `-${s.destroy || 0} to destroy · 삭제`),
+    ];
+  }
+
+  function workspaceRef(deploy) {
+    return deploy.workspace_owner ? `${deploy.workspace_owner}:${deploy.workspace}` : deploy.workspace;
+  }
+
+  /** The caller's role in the deploy's workspace ("owner", "admin", "deploy", "read"; null:
+   *  none), from GET /workspaces (the owner's, page by page), remembered per workspace. */
+  async function workspaceRole(deploy) {
+    const key = deploy.workspace_id;
+    if (!key) return null;
+    if (state.roles.has(key)) return state.roles.get(key);
+    let after = null;
+    let role = null;
+    for (let page = 0; page < 20; page += 1) {
+      let path = `/workspaces?limit=200&owner=${encodeURIComponent(deploy.workspace_owner || "")}`;
+      if (after) path += `&after=${encodeURIComponent(after)}`;
+      const answer = await api(path);
+      const found = (answer.items || []).find((w) => w.id === key);
+      if (found) {
+        role = found.role;
+        break;
+      }
+      if (!answer.next) break;
+      after = answer.next;
+    }
+    state.roles.set(key, role);
+    return role;
   }
 
   function badge(deploy) {
@@ -246,6 +327,7 @@
     stopEverything();
     unauthorizedShown = false;
     state.deploys.clear();
+    state.roles.clear();
     state.order = [];
     state.admin = null;
     state.globalTried = false;
@@ -489,9 +571,21 @@
       this.ended = false;
       this.stopped = false;
       this.filling = false;
+      this.plan = null; // the latest plan (GET /deploys/{id}/plan), once there is one
+      this.planWanted = 0; // the version of the newest Planned event seen
+      this.planLoaded = 0; // ... and of the one the shown plan answered
+      this.planLoading = false;
+      this.mayAct = null; // may approve/discard: null until the role is known
+      this.roleAsked = false;
+      this.workspaceShown = false;
       $("d-timeline").replaceChildren();
       $("d-log").replaceChildren();
       $("d-log-count").textContent = "";
+      $("d-plan").hidden = true;
+      $("d-plan-changes").replaceChildren();
+      $("d-workspace").hidden = true;
+      $("d-outputs").tBodies[0].replaceChildren();
+      $("d-resources").replaceChildren();
       this.setMode("connecting");
     }
 
@@ -725,6 +819,10 @@
     addEvent(event) {
       if (this.events.has(event.version)) return;
       this.events.set(event.version, event);
+      if (event.type === "Planned" && event.version > this.planWanted) {
+        this.planWanted = event.version;
+        this.loadPlan();
+      }
       const timeline = $("d-timeline");
       const item = timelineItem(event);
       if (event.version > this.maxVersion) {
@@ -817,6 +915,147 @@
       if (cancel.hidden || cancel.disabled) resetCancelButton();
       const replay = $("d-replay");
       replay.hidden = deploy.status !== "failed" || state.admin === false;
+      this.renderPlanState();
+      if (deploy.status === "succeeded" && deploy.action !== "plan") this.loadWorkspace();
+    }
+
+    // -- the plan
+
+    async loadPlan() {
+      if (this.planLoading || this.stopped) return;
+      this.planLoading = true;
+      try {
+        while (this.planLoaded < this.planWanted && !this.stopped) {
+          const wanted = this.planWanted;
+          const plan = await api(`/deploys/${encodeURIComponent(this.id)}/plan`);
+          if (this.stopped) return;
+          this.plan = plan;
+          this.planLoaded = wanted;
+          this.renderPlan();
+        }
+      } catch (err) {
+        /* 404 (no plan yet) or an outage: the next Planned event asks again */
+      } finally {
+        this.planLoading = false;
+      }
+      const deploy = this.deploy;
+      if (deploy && deploy.status === "planned" && this.mayAct === null) this.resolveRole();
+    }
+
+    async resolveRole() {
+      const deploy = this.deploy;
+      if (!deploy || this.roleAsked) return;
+      this.roleAsked = true;
+      try {
+        const role = await workspaceRole(deploy);
+        this.mayAct = role === "owner" || role === "admin" || role === "deploy";
+      } catch (err) {
+        this.mayAct = true; // unknown: offer it, the server decides
+      }
+      if (!this.stopped) this.renderPlanState();
+    }
+
+    renderPlan() {
+      const plan = this.plan;
+      if (!plan) return;
+      probe.planRenders = (probe.planRenders || 0) + 1;
+      $("d-plan").hidden = false;
+      $("d-plan").dataset.attempt = String(plan.attempt);
+      $("d-plan-summary").replaceChildren(...summaryChips(plan.summary));
+      $("d-plan-changes").replaceChildren(
+        ...(plan.changes || []).map((change) => {
+          const kind = changeKind(change.actions);
+          const words = CHANGES[kind];
+          return el(
+            "li",
+            { class: `pc pc-${kind}`, "data-action": kind, "data-address": change.address },
+            changeSymbol(kind),
+            el("code", { class: "pc-addr" }, change.address),
+            el("span", { class: "pc-act" }, `${words.en} · `, el("span", { lang: "ko" }, words.ko)),
+            change.tainted ? el("span", { class: "pc-note" }, "tainted · 손상됨") : null,
+          );
+        }),
+      );
+      this.renderPlanState();
+    }
+
+    /** What the plan's note and buttons say for the deploy's status now. */
+    renderPlanState() {
+      const deploy = this.deploy;
+      const plan = this.plan;
+      if (!deploy || !plan) return;
+      let note;
+      if (!plan.changed) note = "No changes: nothing to apply · 변경 사항 없음";
+      else if (deploy.action === "plan") note = "A speculative plan: nothing is applied · 계획만";
+      else if (deploy.status === "planned") note = "Waiting for approval · 승인 대기";
+      else if (deploy.status === "discarded") note = "Discarded: nothing was applied · 폐기됨";
+      else if (deploy.status === "succeeded") note = "Applied · 적용됨";
+      else if (deploy.status === "cancelled") note = "Cancelled · 취소됨";
+      else if (deploy.status === "failed") note = "Not applied in full · 적용 실패";
+      else note = "Approved: applying · 승인됨";
+      const node = $("d-plan-note");
+      node.textContent = note;
+      node.dataset.status = deploy.status;
+      const actions = $("d-plan-actions");
+      actions.hidden = !(deploy.status === "planned" && this.mayAct === true);
+      if (deploy.status === "planned" && this.mayAct === null) this.resolveRole();
+    }
+
+    // -- the workspace's outputs and resources (a succeeded apply or destroy)
+
+    async loadWorkspace() {
+      if (this.workspaceShown || this.stopped) return;
+      this.workspaceShown = true;
+      const deploy = this.deploy;
+      const ref = encodeURIComponent(workspaceRef(deploy));
+      try {
+        const [outputs, resources] = await Promise.all([
+          api(`/workspaces/${ref}/outputs`),
+          api(`/workspaces/${ref}/resources`),
+        ]);
+        if (this.stopped) return;
+        this.renderWorkspace(deploy, outputs.outputs || {}, resources.items || []);
+      } catch (err) {
+        if (err.status === 404) {
+          this.renderWorkspace(deploy, {}, [], "The workspace has no state.");
+        } else {
+          this.workspaceShown = false; // try again on the next render
+        }
+      }
+    }
+
+    renderWorkspace(deploy, outputs, resources, message) {
+      $("d-workspace").hidden = false;
+      const written = deploy.state_version !== null && deploy.state_version !== undefined
+        ? ` · this deploy wrote version ${deploy.state_version}` : "";
+      $("d-ws-note").textContent = message || `The latest state of ${workspaceRef(deploy)}${written}`;
+      const rows = Object.entries(outputs).map(([name, output]) => {
+        const type = typeof output.type === "string" ? output.type : JSON.stringify(output.type);
+        const value = output.sensitive
+          ? el("span", { class: "sensitive" }, "(sensitive · 민감)")
+          : el("code", null, typeof output.value === "string" ? output.value : JSON.stringify(output.value));
+        return el(
+          "tr",
+          { "data-output": name, "data-sensitive": output.sensitive ? "true" : "false" },
+          el("th", { scope: "row" }, el("code", null, name)),
+          el("td", null, type || ""),
+          el("td", null, value),
+        );
+      });
+      $("d-outputs").tBodies[0].replaceChildren(...rows);
+      $("d-outputs").hidden = !rows.length;
+      $("d-outputs-empty").hidden = Boolean(rows.length);
+      $("d-resources").replaceChildren(
+        ...resources.map((r) =>
+          el(
+            "li",
+            { "data-address": r.address },
+            el("code", null, r.address),
+            el("span", { class: "muted" }, ` ${r.provider}`),
+          ),
+        ),
+      );
+      $("d-resources-empty").hidden = Boolean(resources.length);
     }
 
     stop() {
@@ -869,6 +1108,8 @@
         break;
       case "Started":
         facts.push(`attempt ${d.attempt}`);
+        if (d.step === "plan") facts.push("plan for approval");
+        if (d.step === "apply") facts.push("apply the approved plan");
         if (d.runner) facts.push(`runner ${d.runner}`);
         if (d.worker) facts.push(`worker ${d.worker}`);
         break;
@@ -898,6 +1139,23 @@
         break;
       case "CancelRequested":
         facts.push(`by ${d.by}`);
+        break;
+      case "Planned": {
+        const s = d.summary || {};
+        facts.push(`attempt ${d.attempt}`);
+        facts.push(d.changed === false ? "no changes" : `+${s.add || 0} ~${s.change || 0} -${s.destroy || 0}`);
+        if (d.awaits_approval) facts.push("waits for approval · 승인 대기");
+        if (d.base_state_version !== null && d.base_state_version !== undefined) {
+          facts.push(`against state version ${d.base_state_version}`);
+        }
+        break;
+      }
+      case "Approved":
+        facts.push(`attempt ${d.attempt}`, `by ${d.by}`);
+        if (d.rule === "within_approved") facts.push("within the approved changes");
+        break;
+      case "Discarded":
+        facts.push(`by ${d.by}`, d.reason === "expired" ? "expired" : "discarded");
         break;
       case "Cancelled":
         facts.push(`by ${d.by}`);
@@ -1018,6 +1276,39 @@
     }
   }
 
+  async function onPlanCommand(verb) {
+    const detail = state.detail;
+    if (!detail) return;
+    const buttons = [$("d-approve"), $("d-discard")];
+    for (const b of buttons) b.disabled = true;
+    try {
+      const deploy = await api(`/deploys/${encodeURIComponent(detail.id)}/${verb}`, {
+        method: "POST",
+        headers: { "Idempotency-Key": newIdempotencyKey() },
+      });
+      if (state.detail === detail) detail.applyDeploy(deploy);
+      notify(
+        verb === "approve"
+          ? "Approved: the saved plan is being applied · 승인됨"
+          : "Plan discarded: nothing is applied · 폐기됨",
+        "ok",
+      );
+      refreshListSoon();
+    } catch (err) {
+      if (err.status === 403) {
+        detail.mayAct = false;
+        notify("Your role in this workspace does not allow approving or discarding.", "error");
+      } else if (err.status === 409) {
+        notify(`Cannot ${verb}: ${err.detail}`, "error");
+      } else if (err.status !== 401) {
+        notify(`Could not ${verb}: ${err.detail || err.message}`, "error");
+      }
+    } finally {
+      for (const b of buttons) b.disabled = false;
+      if (state.detail === detail) detail.renderHead();
+    }
+  }
+
   // ------------------------------------------------------------------ the deploy form
 
   let fileCounter = 0;
@@ -1094,6 +1385,7 @@
       action: $("f-action").value,
       files,
     };
+    if (body.action !== "plan" && !$("f-auto-approve").checked) body.auto_approve = false;
     const variables = parsePairs($("f-variables").value, "Variables");
     if (Object.keys(variables).length) body.variables = variables;
     if (Object.keys(secrets).length) body.secrets = secrets;
@@ -1153,8 +1445,22 @@
       }
     } finally {
       button.disabled = false;
-      button.textContent = "Deploy";
+      syncFormMode();
     }
+  }
+
+  /** The submit button and the auto-approve box follow the action: a plan only is never
+   *  applied; an apply or destroy without auto-approve stops at its plan for review. */
+  function syncFormMode() {
+    const plan = $("f-action").value === "plan";
+    const box = $("f-auto-approve");
+    box.disabled = plan;
+    $("f-auto-approve-hint").textContent = plan
+      ? "a plan only is never applied"
+      : "unchecked: the plan waits for approval";
+    const button = $("f-submit");
+    if (button.disabled) return;
+    button.textContent = plan ? "Plan" : box.checked ? "Deploy" : "Plan for review";
   }
 
   async function onPickFiles(event) {
@@ -1191,6 +1497,8 @@
       { status: "failed", attempt: 3, max_attempts: 3 },
       { status: "succeeded", attempt: 1, max_attempts: 3 },
       { status: "cancelled", attempt: 1, max_attempts: 3 },
+      { status: "planned", attempt: 1, max_attempts: 3 },
+      { status: "discarded", attempt: 1, max_attempts: 3 },
     ];
     $("legend").replaceChildren(...statuses.map((d) => badge(d)));
   }
@@ -1217,6 +1525,11 @@
     $("f-pick").addEventListener("change", onPickFiles);
     $("d-cancel").addEventListener("click", onCancel);
     $("d-replay").addEventListener("click", onReplay);
+    $("d-approve").addEventListener("click", () => onPlanCommand("approve"));
+    $("d-discard").addEventListener("click", () => onPlanCommand("discard"));
+    $("f-action").addEventListener("change", syncFormMode);
+    $("f-auto-approve").addEventListener("change", syncFormMode);
+    syncFormMode();
     $("d-close").addEventListener("click", closeDetail);
     $("list-refresh").addEventListener("click", () => refreshList());
     window.addEventListener("hashchange", routeFromHash);
