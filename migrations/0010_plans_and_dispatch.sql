@@ -74,6 +74,7 @@ CREATE TRIGGER events_dispatch_notify
 --     planned deploy of it, or by an older unfinished deploy of it (deploys of one workspace
 --     run one at a time, in the order they were requested);
 --   * a user with p_max_per_user deploys running waits (NULL: no limit);
+--   * a deploy whose previous job is still being closed waits for it;
 -- the one whose user has the fewest deploys running, then the oldest deploy (FIFO per user).
 -- "Running" is a job taken (status doing): preparing its run, or running terraform.
 CREATE FUNCTION tfdeploy_pick(p_queue varchar, p_max_per_user integer) RETURNS bigint
@@ -96,6 +97,10 @@ LANGUAGE sql STABLE AS $$
     FROM waiting w
     LEFT JOIN running r ON r.owner = w.owner
     WHERE (p_max_per_user IS NULL OR coalesce(r.n, 0) < p_max_per_user)
+      -- one job of a deploy at a time: the next attempt's job is queued while the job of the
+      -- attempt that failed is still being closed
+      AND NOT EXISTS (SELECT FROM procrastinate_jobs dj
+                      WHERE dj.status = 'doing' AND dj.args->>'deploy_id' = w.deploy_id::text)
       AND (w.action = 'plan' OR (
             NOT EXISTS (SELECT FROM workspace_locks l WHERE l.workspace_id = w.workspace_id)
         AND NOT EXISTS (

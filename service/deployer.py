@@ -178,6 +178,10 @@ class Deployer:
         #: deploys whose attempt runs in this process now: recovery leaves them alone, and the
         #: worker keeps their jobs' heartbeats fresh (service/recovery.py)
         self.active: set[str] = set()
+        #: runs whose outcome could not be recorded, kept for recovery with what they hold (the
+        #: state terraform left, a local place): (deploy id, attempt) -> slot. Recovery, once it
+        #: concluded the attempt from what the run left, gives them back (``release_kept``).
+        self.kept: dict[tuple[str, int], Slot] = {}
         #: set when the worker is told to stop: a job that gets its slot after that gives the
         #: job back instead of starting terraform (prefetched jobs wait for slots; see worker.py)
         self.stopping = asyncio.Event()
@@ -268,7 +272,12 @@ class Deployer:
         except BaseException:
             await slot.release()
             raise
-        await self._run_started(deploy_id, slot.request, slot)
+        try:
+            await self._run_started(deploy_id, slot.request, slot)
+        except BaseException:
+            # Started is recorded: whatever the run left stays for recovery to conclude from.
+            self.kept.setdefault((deploy_id, attempt), slot)
+            raise
 
     async def _start_and_fail(self, deploy_id: str, reason: str, message: str) -> None:
         with contextlib.suppress(IllegalTransition):
@@ -410,7 +419,16 @@ class Deployer:
             if concluded:
                 await slot.release()
             else:
+                self.kept[(deploy_id, request.attempt)] = slot
                 log.error("outcome of %s attempt %s not recorded; its run is kept", deploy_id, request.attempt)
+
+    async def release_kept(self, deploy_id: str, attempt: int) -> None:
+        """Give back what a run kept for recovery (its place under the cap above all), once
+        recovery concluded the attempt from what it left."""
+        slot = self.kept.pop((deploy_id, attempt), None)
+        if slot is not None:
+            with contextlib.suppress(Exception):
+                await slot.release()
 
     async def _watch_cancel(self, deploy_id: str, cancel: asyncio.Event) -> None:
         while not cancel.is_set():

@@ -283,8 +283,10 @@ class Recovery:
             result = RunResult(exit_code=-1, state=None, error=note)
         await self.deployer.conclude_recovered(deploy_id, request, result, note, lost=lost)
         # Only now, with the state persisted and the outcome recorded, does what held the state
-        # go: a recoverer that dies before this leaves it to the next one.
+        # go: a recoverer that dies before this leaves it to the next one. A run this very
+        # process kept (its outcome could not be recorded) gives its place back too.
         await self._remove_containers(deploy_id, attempt)
+        await self.deployer.release_kept(deploy_id, attempt)
 
     async def _containers(self, deploy_id: str, attempt: int) -> list[dict[str, Any]]:
         assert isinstance(self.runner, DockerRunner)

@@ -17,6 +17,7 @@ import contextlib
 import logging
 from typing import Any
 
+from service import planning
 from service.deployer import Deployer, default_worker_name
 from service.dispatch import Dispatcher, lane_count
 from service.queue import MAINTENANCE_QUEUE
@@ -57,6 +58,13 @@ class Worker:
             worker_name=self.name,
         )
         services.queue.set_handler(self.deployer.handle)
+        if not services.extras.get("maintenance_tasks"):
+            # Periodic tasks, once per process (their jobs run on the maintenance queue).
+            planning.register_plan_expiry(
+                services.queue.app, services.deploys, self.settings.plan_ttl,
+                queue=MAINTENANCE_QUEUE,
+            )
+            services.extras["maintenance_tasks"] = True
         self.recovery = Recovery(services.pool, services.queue, self.deployer)
         self.dispatcher = Dispatcher(
             pool=services.pool,

@@ -390,7 +390,6 @@ def test_a_worker_refuses_to_start_without_an_engine_or_a_runner_setting(databas
     """TFDEPLOY_RUNNER unset and no Docker engine: `tfdeploy worker` refuses (it used to fall
     back to the local runner silently, also when Docker was only slow to answer)."""
     import os
-    import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TFDEPLOY_")}

@@ -229,18 +229,6 @@ async def test_a_speculative_plan_does_not_wait_behind_a_running_deploy(
         assert (await h.wait(slow["id"]))["status"] == "succeeded"
 
 
-# The worker today takes deploy jobs with procrastinate's fetch: the workspace's job lock is free
-# once the plan run's job ended, so a later deploy of the workspace starts while the plan waits
-# for approval. The lead's dispatcher (tfdeploy_claim, migration 0010) holds a workspace while a
-# deploy of it is planned. Strict: once the dispatcher is wired in, this passes and the marker
-# must go.
-WAITS_FOR_DISPATCHER = pytest.mark.xfail(
-    strict=True,
-    reason="a planned deploy holds its workspace only with the lead's dispatcher (tfdeploy_claim)",
-)
-
-
-@WAITS_FOR_DISPATCHER
 async def test_a_planned_deploy_holds_its_workspace_until_it_is_discarded(
     database_url, tmp_path, runner_image
 ):
