@@ -3,11 +3,11 @@
     .venv/bin/python bench/cap.py [--quick] [--deploys N] [--cap C] [--runner local|docker|both]
                                   [--no-prefetch] [--trace]
 
-``--no-prefetch`` runs the worker as before the prefetch (procrastinate concurrency = cap, so a
-job is fetched only when one ends); ``--trace`` prints where each slot's time goes, from the
-events and log lines' ``recorded_at``.
+``--no-prefetch`` runs the worker with as many dispatch lanes as the cap (no spare lane waiting
+for a place while the others record their outcomes); ``--trace`` prints where each slot's time
+goes, from the events and log lines' ``recorded_at``.
 
-The API (in-process) and one worker (concurrency = cap + prefetch) share this process. All deploys are
+The API (in-process) and one worker (cap + up to 4 dispatch lanes) share this process. All deploys are
 sent at once, each to its own workspace (deploys of one workspace run one at a time by design).
 Makespan: first POST sent -> last deploy ``succeeded`` (read model polled every 5 ms).
 
@@ -203,7 +203,7 @@ def main() -> int:
     ap.add_argument("--hand-runs", type=int)
     ap.add_argument("--instrument", action="store_true", help="time the Docker runner's engine calls")
     ap.add_argument("--pyspy", type=float, default=0.0, help="py-spy this process for S seconds of the run")
-    ap.add_argument("--no-prefetch", action="store_true", help="worker concurrency = cap (as before)")
+    ap.add_argument("--no-prefetch", action="store_true", help="dispatch lanes = cap (no spare lane)")
     ap.add_argument("--trace", action="store_true", help="where each slot's time goes")
     args = ap.parse_args()
     global SPY, TRACE
@@ -211,7 +211,7 @@ def main() -> int:
     if args.no_prefetch:
         import service.worker
 
-        service.worker.queue_concurrency = lambda cap: cap
+        service.worker.lane_count = lambda cap: cap
     if args.instrument:
         instrument_docker()
     cap = args.cap

@@ -49,6 +49,7 @@ from service.lifecycle import (
     AttemptFailed,
     AttemptSucceeded,
     Cancel,
+    Discard,
     IllegalTransition,
     PersistedState,
     PlanMade,
@@ -414,6 +415,12 @@ async def test_every_route_for_every_caller(
         return "/static/app.js", {}
 
     async def set_cli_lock(holder: str | None) -> None:
+        # A plan the plan routes left waiting would hold the workspace (LOCK and writes: 423).
+        async with services.pool.connection() as conn:
+            cur = await conn.execute("SELECT id::text FROM deploys WHERE status = 'planned'")
+            waiting = [r[0] for r in await cur.fetchall()]
+        for d in waiting:
+            await services.deploys.execute(d, Discard(by="admin:root"), "admin:root")
         async with services.pool.connection() as conn:
             await conn.execute("DELETE FROM workspace_locks")
             if holder is not None:
