@@ -199,13 +199,20 @@ class Deployer:
     # ------------------------------------------------------------ entry point
 
     async def handle(
-        self, deploy_id: str, attempt: int, reservation: Reservation | None = None
+        self,
+        deploy_id: str,
+        attempt: int,
+        reservation: Reservation | None = None,
+        *,
+        no_runner: str | None = None,
     ) -> None:
         """Run ``attempt`` of ``deploy_id`` if it is still wanted; a stale job does nothing.
 
         ``reservation``: a place under the cap the caller already holds (a dispatcher reserves
         before it takes a deploy off the queue); without one, a place is reserved here, before
-        the attempt's inputs are read. Either way it is given back if nothing runs."""
+        the attempt's inputs are read. Either way it is given back if nothing runs.
+        ``no_runner``: the caller could not reserve a place because the runner cannot work at
+        all (why): the attempt fails with ``runner_error`` at once."""
         try:
             async with self.pool.connection() as conn:
                 stream = await store.read_stream(conn, deploy_id)
@@ -219,6 +226,10 @@ class Deployer:
             if reservation is not None:
                 await reservation.release()
             raise
+        if no_runner is not None and reservation is None:
+            # Without a runner there is no attempt; count it as one so the budget bounds it.
+            await self._start_and_fail(deploy_id, "runner_error", no_runner)
+            return
         self.active.add(deploy_id)
         try:
             await self._handle_queued(deploy_id, attempt, state, reservation)

@@ -63,8 +63,9 @@ LISTEN_RETRY_MAX = 5.0
 STORE_RETRY_MAX_WAIT = 60  # a job whose state store cannot be read: 2, 4, ... 60 s
 
 # Runs a claimed job in the place the lane holds, and gives the place back when nothing runs
-# (a stale job: cancelled, already run) -- Deployer.handle.
-RunJob = Callable[[Job, Any], Awaitable[None]]
+# (a stale job: cancelled, already run) -- Deployer.handle. Without a place (None), the third
+# argument says why the runner could not give one: the attempt fails with that reason.
+RunJob = Callable[[Job, Any, str | None], Awaitable[None]]
 
 
 def lane_count(cap: int) -> int:
@@ -175,7 +176,7 @@ class Dispatcher:
                 log.warning("no place can be reserved (%s)", exc)
                 job = await self._claim_once()
                 if job is not None:
-                    await self._run(job, None)
+                    await self._run(job, None, str(exc))
                 else:
                     await self._sleep(self.wake.generation, pause)
                     pause = min(pause * 2, LISTEN_RETRY_MAX)
@@ -276,12 +277,12 @@ class Dispatcher:
             return None
         return Job.from_row(row) if row is not None else None
 
-    async def _run(self, job: Job, reservation: Any) -> None:
+    async def _run(self, job: Job, reservation: Any, no_runner: str | None = None) -> None:
         assert job.id is not None
         self.busy[job.id] = job
         try:
             try:
-                await self.run_job(job, reservation)
+                await self.run_job(job, reservation, no_runner)
             except WorkerStopping:
                 await self._retry(job, 0)
                 return

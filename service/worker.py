@@ -79,11 +79,13 @@ class Worker:
         self._stopping = asyncio.Event()
         self._grace_timer: asyncio.TimerHandle | None = None
 
-    async def _run_job(self, job: Any, reservation: Any) -> None:
+    async def _run_job(self, job: Any, reservation: Any, no_runner: str | None) -> None:
         """A claimed job, run in the place its lane holds (``handle`` gives the place back
-        when nothing runs)."""
+        when nothing runs); without a place, failed with why the runner could give none."""
         kwargs = job.task_kwargs or {}
-        await self.deployer.handle(str(kwargs["deploy_id"]), int(kwargs["attempt"]), reservation)
+        await self.deployer.handle(
+            str(kwargs["deploy_id"]), int(kwargs["attempt"]), reservation, no_runner=no_runner
+        )
 
     async def run(self) -> None:
         """Run until ``stop()``.
