@@ -124,9 +124,14 @@ def _server(app: Any, settings: Settings, host: str, port: int) -> Any:
         def capture_signals(self) -> Iterator[None]:
             yield
 
+    from service.api.limits import connection_limit
+
     config = uvicorn.Config(
         app, host=host, port=port, log_level=settings.log_level, lifespan="on",
         timeout_graceful_shutdown=5, access_log=settings.log_level == "debug",
+        # Connections (an open event stream is one) and requests at once, past which uvicorn
+        # answers 503: bounded by the process's file descriptors (service.api.limits).
+        limit_concurrency=connection_limit(),
     )
     return Server(config)
 

@@ -41,6 +41,10 @@ SECURITY: list[SecurityRequirement] = [{BEARER_SCHEME: []}]
 STREAM_SECURITY: list[SecurityRequirement] = [{BEARER_SCHEME: []}, {QUERY_SCHEME: []}]
 # A route handler's ``opt`` key that lets it take ``?access_token=``.
 QUERY_TOKEN_OPT = "query_token"
+# Where the request limiter (service.api.limits), which looks the token up as it counts the
+# request, leaves who it names: a Principal, or TOKEN_REFUSED.
+PRINCIPAL_SCOPE_KEY = "tfdeploy.principal"
+TOKEN_REFUSED = "refused"
 
 
 def token_of(request: Request[Any, Any, Any]) -> str | None:
@@ -61,6 +65,11 @@ async def current_principal(request: Request[Any, Any, Any], services: Services)
     if token is None:
         raise Unauthorized("missing token: send Authorization: Bearer <token>")
     if not token:
+        raise Unauthorized("invalid token")
+    known = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if isinstance(known, Principal):
+        return known
+    if known == TOKEN_REFUSED:
         raise Unauthorized("invalid token")
     # One statement: autocommit spares the BEGIN and COMMIT round trips of every request.
     async with autocommit(services.pool) as conn:
