@@ -129,10 +129,10 @@ CREATE TRIGGER deploys_refuse_replay_without_inputs
     EXECUTE FUNCTION tfdeploy_refuse_replay_without_inputs();
 
 -- One batch of a pass over ended deploys (p_kind 'logs' or 'inputs'): the next p_batch deploys
--- after the pass's mark that changed last more than p_age ago. Of those, each one that is ended
--- is taken under its deploy's lock (7310004: the lock every event append and log write of the
--- deploy takes; skipped if busy) and checked again in a statement of its own, so a replay
--- that committed meanwhile is seen; then
+-- after the pass's mark that changed last more than p_age ago. Each is taken under its deploy's
+-- lock (7310004: the lock every event append and log write of the deploy takes; if it is busy,
+-- the batch stops before it and the next run starts there) and, if it is ended, checked again
+-- in a statement of its own, so a replay that committed meanwhile is seen; then
 --   logs:   every line but the last is deleted, and the last one becomes a marker saying how
 --           many were removed (it keeps its seq: a replay's new lines, and the ids of open
 --           streams, go on after it);
@@ -148,6 +148,7 @@ DECLARE
     n integer;
     last_seq integer;
     examined integer := 0;
+    busy boolean := false;
 BEGIN
     pruned := 0;
     SELECT updated_at, deploy_id INTO mark_at, mark_id FROM retention_progress WHERE kind = p_kind;
@@ -158,12 +159,15 @@ BEGIN
         ORDER BY updated_at, id
         LIMIT p_batch
     LOOP
+        IF NOT pg_try_advisory_xact_lock(7310004, hashtext(d.id::text)) THEN
+            -- Being written to (a replay's append, say): stop before it, so the next run
+            -- takes it again.
+            busy := true;
+            EXIT;
+        END IF;
         examined := examined + 1;
         mark_at := d.updated_at;
         mark_id := d.id;
-        IF NOT pg_try_advisory_xact_lock(7310004, hashtext(d.id::text)) THEN
-            CONTINUE;  -- being written to: not ended for long; it comes round again if it ends
-        END IF;
         IF NOT EXISTS (SELECT FROM deploys x WHERE x.id = d.id
                        AND x.status IN ('succeeded', 'failed', 'cancelled', 'discarded')) THEN
             CONTINUE;
@@ -197,7 +201,7 @@ BEGIN
         INSERT INTO retention_progress (kind, updated_at, deploy_id) VALUES (p_kind, mark_at, mark_id)
         ON CONFLICT (kind) DO UPDATE SET updated_at = excluded.updated_at, deploy_id = excluded.deploy_id;
     END IF;
-    more := examined >= p_batch;
+    more := NOT busy AND examined >= p_batch;
 END;
 $$;
 

@@ -525,7 +525,10 @@ def parse_age(text: str) -> timedelta:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    import psycopg
+
     from service import store
+    from service.api.errors import INPUTS_REMOVED_SQLSTATE
     from service.deploys import NotFound
     from service.lifecycle import IllegalTransition, Replay
 
@@ -558,6 +561,12 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                     print(f"{deploy_id} {view.status} (attempt {view.attempt} of {view.max_attempts})")
                 except (IllegalTransition, NotFound) as exc:
                     print(f"{deploy_id}: {exc or 'not found'}", file=sys.stderr)
+                    status = 1
+                except psycopg.DatabaseError as exc:
+                    if exc.sqlstate != INPUTS_REMOVED_SQLSTATE:
+                        raise
+                    print(f"{deploy_id}: its files and variables were removed by retention; "
+                          "it cannot run again", file=sys.stderr)
                     status = 1
             if args.failed and not ids:
                 print("no failed deploys")

@@ -14,7 +14,8 @@ import contextlib
 import logging
 
 from service.deployer import Deployer, default_worker_name
-from service.queue import QUEUE_NAME
+from service.maintenance import Maintenance
+from service.queue import MAINTENANCE_QUEUE, QUEUE_NAME
 from service.recovery import HEARTBEAT_INTERVAL, STALLED_AFTER, Recovery
 from service.runners import Runner, make_runner
 from service.services import Services
@@ -62,6 +63,7 @@ class Worker:
             worker_name=self.name,
         )
         services.queue.set_handler(self.deployer.handle)
+        services.queue.set_maintenance(Maintenance(services, self.state_store).run)
         self.recovery = Recovery(services.pool, services.queue, self.deployer)
         self._stopping = asyncio.Event()
         self._grace_timer: asyncio.TimerHandle | None = None
@@ -89,7 +91,7 @@ class Worker:
         while not self._stopping.is_set():
             worker_task = asyncio.create_task(
                 self.services.queue.app.run_worker_async(
-                    queues=[QUEUE_NAME],
+                    queues=[QUEUE_NAME, MAINTENANCE_QUEUE],
                     name=self.name,
                     concurrency=queue_concurrency(self.settings.max_concurrency),
                     install_signal_handlers=False,
