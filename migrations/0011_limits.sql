@@ -249,3 +249,16 @@ BEGIN
     SELECT gone.workspace, gone.version, gone.store, gone.location FROM gone;
 END;
 $$;
+
+-- ---------------------------------------------------------------- log notifications
+-- One notification per transaction that writes a deploy's log lines, not one per line: the
+-- payload is the deploy's id alone, and PostgreSQL delivers identical notifications of one
+-- transaction once. Listeners never used the seq (a notification only says "this deploy's
+-- stream may have grown"; service/notify.py), and a deploy flooding its output cost every API
+-- process one notification per line (bench/flood.py).
+CREATE OR REPLACE FUNCTION deploy_logs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('tfdeploy_logs', NEW.deploy_id::text);
+    RETURN NULL;
+END;
+$$;

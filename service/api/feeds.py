@@ -40,7 +40,6 @@ from sse_starlette import ServerSentEvent
 from service import store
 from service.api.schemas import DeployOut, EventOut
 from service.lifecycle import TERMINAL_STATUSES
-from service.logs import LogLine, read_logs
 from service.notify import Batch, Hub, Subscription
 from service.projection import DeployView, StoredEvent, view_of
 from service.services import Services
@@ -56,6 +55,14 @@ WHERE deploy_id = %(deploy_id)s::uuid AND after_version < %(version)s
 """
 
 SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+# A deploy's lines after a seq, as the stream sends them (LogOut's fields, in its order).
+FEED_LINES = """
+SELECT seq, attempt, stream, line, after_version FROM deploy_logs
+WHERE deploy_id = %(deploy_id)s::uuid AND seq > %(after_seq)s
+ORDER BY seq
+LIMIT %(limit)s
+"""
 
 # A deploy's last log seq (with its events, from one snapshot: where its feed starts).
 LAST_LOG_SEQ = "SELECT coalesce(max(seq), 0) FROM deploy_logs WHERE deploy_id = %(deploy_id)s::uuid"
@@ -87,18 +94,19 @@ class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
     # ``slot_lease`` seconds (it died) stop counting.
     slot_refresh: float = 5.0
     slot_lease: float = 20.0
+    # A deploy's shared feed reads at most this often (a flood of output wakes it for every
+    # commit); its first read after a quiet spell is immediate.
+    min_read_interval: float = 0.05
 
 
-class LogOut(msgspec.Struct, frozen=True, kw_only=True):
+class LogOut(msgspec.Struct, frozen=True):
+    """A log line as the stream sends it; made straight from a row of FEED_LINES."""
+
     seq: int
     attempt: int
     stream: str
     line: str
     after_version: int
-
-    @classmethod
-    def of(cls, line: LogLine) -> LogOut:
-        return msgspec.convert(line, cls, from_attributes=True)
 
 
 class DeployMessage(msgspec.Struct, frozen=True):
@@ -139,12 +147,12 @@ class DeployCursor(msgspec.Struct, frozen=True):
 Key = tuple[int, int, int]
 
 
-def merge(events: Sequence[StoredEvent], logs: Sequence[LogLine]) -> list[StoredEvent | LogLine]:
+def merge(events: Sequence[StoredEvent], logs: Sequence[LogOut]) -> list[StoredEvent | LogOut]:
     """Events and log lines in stream order: event v, then the lines with after_version v by
     seq, then event v + 1."""
 
-    def key(item: StoredEvent | LogLine) -> tuple[int, int, int]:
-        if isinstance(item, LogLine):
+    def key(item: StoredEvent | LogOut) -> tuple[int, int, int]:
+        if isinstance(item, LogOut):
             return (item.after_version, 1, item.seq)
         return (item.version, 0, 0)
 
@@ -153,7 +161,7 @@ def merge(events: Sequence[StoredEvent], logs: Sequence[LogLine]) -> list[Stored
 
 class DeployRead(msgspec.Struct):
     events: list[StoredEvent]
-    logs: list[LogLine]
+    logs: list[LogOut]
     after_seq: int  # the log cursor the lines were read after
 
 
@@ -176,7 +184,10 @@ async def read_deploy(
             )
             row = await cur.fetchone()
             after_seq = int(row[0]) if row else 0
-        logs = await read_logs(conn, deploy_id, after_seq=after_seq, limit=limit)
+        cur = await conn.execute(
+            FEED_LINES, {"deploy_id": deploy_id, "after_seq": after_seq, "limit": limit}
+        )
+        logs = [LogOut(*row) for row in await cur.fetchall()]
     return DeployRead(events, logs, after_seq)
 
 
@@ -187,21 +198,34 @@ def encode_event(records: Sequence[StoredEvent], event: StoredEvent) -> bytes:
     return message(data, event=event.type, id=str(event.version)).encode()
 
 
-def encode_line(line: LogLine) -> bytes:
-    data = _json(LogOut.of(line))
-    return message(data, event="log", id=f"{line.after_version}.{line.seq}").encode()
+def encode_line(line: LogOut) -> bytes:
+    """What ``message(json, event="log", id="v.s").encode()`` gives, byte for byte (msgspec
+    escapes every line break, so the data is one line), without sse_starlette's per-message
+    buffer and regular expressions: a deploy flooding its output makes this most of a feed's
+    work."""
+    return b"id: %d.%d\nevent: log\ndata: %s\n\n" % (
+        line.after_version,
+        line.seq,
+        msgspec.json.encode(line),
+    )
 
 
 def encode_end(latest: DeployView) -> bytes:
     return message(_json(EndMessage(DeployOut.of(latest))), event="end").encode()
 
 
-def deploy_page(
+# Messages encoded between two turns of the event loop: a full page of a flooding deploy's
+# output is milliseconds of work, and other requests get in between (bench/flood.py).
+ENCODE_SLICE = 100
+
+
+async def deploy_page(
     records: list[StoredEvent], read: DeployRead, sent_version: int, limit: int
 ) -> tuple[list[tuple[Key, bytes]], int, bool]:
     """The messages of one read (``records``: the whole stream so far, ``read``'s events
     included) after event ``sent_version``, in stream order; the version sent once they are;
-    and whether the page of lines was full (read again at once)."""
+    and whether the page of lines was full (read again at once). Lets the event loop run every
+    ENCODE_SLICE messages."""
     logs = read.logs
     full = len(logs) >= limit
     # With a full page of lines, events beyond the last line read wait for the next read
@@ -209,11 +233,13 @@ def deploy_page(
     cutoff = logs[-1].after_version if full else records[-1].version
     pending = records[sent_version:cutoff]  # versions sent_version + 1 .. cutoff
     out: list[tuple[Key, bytes]] = []
-    for item in merge(pending, logs):
-        if isinstance(item, LogLine):
+    for n, item in enumerate(merge(pending, logs), 1):
+        if isinstance(item, LogOut):
             out.append(((item.after_version, 1, item.seq), encode_line(item)))
         else:
             out.append(((item.version, 0, 0), encode_event(records, item)))
+        if n % ENCODE_SLICE == 0:
+            await asyncio.sleep(0)
     return out, max(sent_version, cutoff), full
 
 
@@ -231,6 +257,7 @@ class DeploySource:
         # When the deploy is finished: its end message, and its last version.
         self.end: bytes | None = None
         self.end_version = 0
+        self._last_read = float("-inf")  # loop time of the last read
 
     async def start(self) -> Key:
         async with self.services.pool.connection() as conn, conn.transaction():
@@ -245,6 +272,15 @@ class DeploySource:
         return (self.sent_version, 1, self.last_seq)
 
     async def read(self, after: Key) -> Batch[Key]:
+        # A deploy whose terraform floods its output commits lines hundreds of times a second,
+        # and each commit wakes the feed: reading at most every ``min_read_interval`` bounds
+        # what one deploy's flood costs this process (other users' requests keep their pace;
+        # bench/flood.py), whatever its rate. The first read after a quiet spell is at once.
+        loop = asyncio.get_running_loop()
+        wait = self._last_read + self.options.min_read_interval - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_read = loop.time()
         read = await read_deploy(
             self.services,
             self.deploy_id,
@@ -253,13 +289,14 @@ class DeploySource:
             self.sent_version,
             self.options.log_batch,
         )
-        # From here on nothing awaits: the state and the window change together.
-        self.records.extend(read.events)
-        if not self.records:  # pragma: no cover - a deploy has its Requested event
+        records = [*self.records, *read.events]
+        if not records:  # pragma: no cover - a deploy has its Requested event
             return Batch([], after)
-        items, self.sent_version, full = deploy_page(
-            self.records, read, self.sent_version, self.options.log_batch
+        items, sent_version, full = await deploy_page(
+            records, read, self.sent_version, self.options.log_batch
         )
+        # From here on nothing awaits: the state and the window change together.
+        self.records, self.sent_version = records, sent_version
         if read.logs:
             self.last_seq = read.logs[-1].seq
         self._ended()
@@ -377,7 +414,7 @@ async def deploy_messages(
                 records.extend(read.events)
                 if not records:  # pragma: no cover - a visible deploy has its Requested event
                     return
-                items, sent_version, full = deploy_page(
+                items, sent_version, full = await deploy_page(
                     records, read, sent_version, options.log_batch
                 )
                 last_seq = read.logs[-1].seq if read.logs else read.after_seq
