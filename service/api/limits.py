@@ -21,6 +21,7 @@ import math
 import os
 import resource
 import socket
+import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
@@ -265,19 +266,28 @@ def stream_slots(services: Any, *, lease: float = 20.0, refresh: float = 5.0) ->
 
 # Threads that validate POST /deploys bodies, per API process. Validation is pure Python (the
 # GIL): more threads would not validate more bodies a second, they would only take more of the
-# GIL from the event loop -- with one, the loop gets at least every other switch interval.
+# GIL from the event loop.
 VALIDATION_THREADS = 1
+# How long a thread holds the GIL while another waits for it (Python's default: 5 ms). The event
+# loop gives the GIL up at every wait for I/O and then waits for it again: against a thread that
+# validates a big body, each of a request's dozen turns would wait up to 5 ms (a small GET took
+# 200 ms instead of 5; tests/test_limits.py); with this, the loop gets it back within 0.5 ms. It
+# only matters while two threads want the GIL at once.
+GIL_SWITCH_INTERVAL = 0.0005
 
 
 class ValidationGate:
     """Runs CPU-bound validation on ``threads`` threads of its own, and at most one body per
     user at a time (a user's next body waits for their previous one; bodies of different users
     take turns), so one user's burst of big bodies neither starves the event loop nor makes
-    other users' requests wait behind all of it. A body whose client went away while it waited
+    other users' requests wait behind all of it. Makes the process's GIL switch interval
+    GIL_SWITCH_INTERVAL, so the event loop is not held up by the validating thread. A body whose client went away while it waited
     is dropped; one already being validated finishes, and its thread stays taken until then."""
 
     def __init__(self, threads: int = VALIDATION_THREADS) -> None:
         self.threads = threads
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tfdeploy-validate")
         self._users: dict[str, asyncio.Lock] = {}
         self._uses: dict[str, int] = {}
