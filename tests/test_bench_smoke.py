@@ -24,6 +24,7 @@ SCRIPTS = [
     ("fanout.py", [], "## SSE fan-out"),
     ("replay.py", [], "## Projection rebuild"),
     ("providers.py", [], "## Providers"),
+    ("flood.py", [], "## Flood"),
 ]
 
 
