@@ -32,9 +32,9 @@ from typing import Any
 
 import msgspec
 
-from service.api.limits import WINDOW_SECONDS
 from service.db import autocommit
 from service.queries import q
+from service.settings import RATE_WINDOW_SECONDS
 from service.statestores import StateStore, StateStoreError
 
 log = logging.getLogger("tfdeploy.maintenance")
@@ -187,5 +187,5 @@ class Maintenance:
     async def _limits(self) -> None:
         unit, _ = self.settings.rate_limit_rule
         async with autocommit(self.services.pool) as conn:
-            await conn.execute(q("prune_request_counts"), {"window": WINDOW_SECONDS[unit]})
+            await conn.execute(q("prune_request_counts"), {"window": RATE_WINDOW_SECONDS[unit]})
             await conn.execute(q("prune_api_processes"))

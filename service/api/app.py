@@ -75,9 +75,16 @@ def fail_fast(app: ASGIApp) -> ASGIApp:
     the request's own task: a worker in the same process (``tfdeploy up``) keeps waiting."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == ScopeType.HTTP:
-            FAIL_FAST.set(True)
-        await app(scope, receive, send)
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        # Undone after: a server runs each request in a task of its own, but an in-process
+        # client (tests) runs the app in its caller's task.
+        token = FAIL_FAST.set(True)
+        try:
+            await app(scope, receive, send)
+        finally:
+            FAIL_FAST.reset(token)
 
     return middleware
 

@@ -317,6 +317,7 @@ class DeployController(Controller):
         "/{deploy_id:str}/logs",
         summary="Terraform output so far, a page at a time",
         responses=error_responses(400, 404, 422),
+        response_description="The lines, one per text line; header X-Last-Seq: the last one's seq.",
         media_type=MediaType.TEXT,  # Litestar adds "; charset=utf-8"
         description=(
             "The deploy's lines with a sequence number above `after`, at most `limit` of them "

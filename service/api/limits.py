@@ -36,12 +36,12 @@ from service.api.errors import TooManyRequests
 from service.auth import Principal, hash_token
 from service.db import autocommit
 from service.queries import q
+from service.settings import RATE_WINDOW_SECONDS as WINDOW_SECONDS
 from service.settings import Settings
 
 log = logging.getLogger("tfdeploy.api.limits")
 T = TypeVar("T")
 
-WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
 # service.auth.authenticate refuses longer tokens without a query; so does the limiter.
 TOKEN_MAX = 200
 
