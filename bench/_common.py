@@ -100,21 +100,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Per-user limits a bench's single user would otherwise hit (32 clients of one token, 1000
+# streams of one admin): benches measure throughput, with the limiter counting as usual.
+UNLIMITED = {"TFDEPLOY_RATE_LIMIT": "9999999/s", "TFDEPLOY_MAX_STREAMS_PER_USER": "1000000"}
+
+
 class ApiProcess:
     """``bench/_serve.py``: the API (no worker) under uvicorn in its own process; or, with
-    ``workers``, ``tfdeploy serve --workers N`` (N processes on one socket, as deployed)."""
+    ``workers``, ``tfdeploy serve --workers N`` (N processes on one socket, as deployed).
+    ``limits``: TFDEPLOY_* limit settings (default: UNLIMITED)."""
 
     def __init__(
-        self, url: str, data_dir: str, *, profile: str | None = None, workers: int | None = None
+        self, url: str, data_dir: str, *, profile: str | None = None, workers: int | None = None,
+        limits: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = url
         self.workers = workers
-        env = None
+        env = dict(os.environ, **(UNLIMITED if limits is None else limits))
         if workers:
             cmd = [PYTHON, "-m", "service.cli", "serve", "--workers", str(workers),
                    "--host", "127.0.0.1", "--port", str(self.port)]
-            env = dict(os.environ, TFDEPLOY_DATABASE_URL=url, TFDEPLOY_DATA_DIR=data_dir,
+            env.update(TFDEPLOY_DATABASE_URL=url, TFDEPLOY_DATA_DIR=data_dir,
                        TFDEPLOY_LOG_LEVEL="warning")
         else:
             cmd = [PYTHON, str(ROOT / "bench" / "_serve.py"), url, data_dir, str(self.port)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,8 +29,15 @@ class Server(uvicorn.Server):
         yield
 
 
+# The per-user limits are settings like any other here (ApiProcess raises them, so that a bench
+# measures throughput, not the limit; bench/ingest.py measures the limiter's own cost).
+LIMITS = ("TFDEPLOY_RATE_LIMIT", "TFDEPLOY_MAX_STREAMS_PER_USER")
+
+
 async def main(url: str, data_dir: str, port: int) -> None:
-    settings = from_env({}, data_dir=data_dir, log_level="warning")
+    settings = from_env(
+        {k: v for k, v in os.environ.items() if k in LIMITS}, data_dir=data_dir, log_level="warning"
+    )
     services = await open_services(settings, url)
     config = uvicorn.Config(
         create_app(services), host="127.0.0.1", port=port, log_level="warning", lifespan="on",

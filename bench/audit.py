@@ -544,7 +544,10 @@ async def measure(url: str, cases: list[Case], runs: int, show_plans: bool) -> N
     from service.services import open_services
     from service.settings import from_env
 
-    settings = from_env({}, data_dir=tempfile.mkdtemp(prefix="tfdeploy-bench-data-"))
+    settings = from_env(
+        {}, data_dir=tempfile.mkdtemp(prefix="tfdeploy-bench-data-"),
+        rate_limit="9999999/s",  # timing pages back to back: no per-user limit
+    )
     services = await open_services(settings, url, pool_size=2)
     try:
         async with services.pool.connection() as conn:

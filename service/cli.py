@@ -125,9 +125,14 @@ def _server(app: Any, settings: Settings, host: str, port: int) -> Any:
         def capture_signals(self) -> Iterator[None]:
             yield
 
+    from service.api.limits import connection_limit
+
     config = uvicorn.Config(
         app, host=host, port=port, log_level=settings.log_level, lifespan="on",
         timeout_graceful_shutdown=5, access_log=settings.log_level == "debug",
+        # Connections (an open event stream is one) and requests at once, past which uvicorn
+        # answers 503: bounded by the process's file descriptors (service.api.limits).
+        limit_concurrency=connection_limit(),
     )
     return Server(config)
 
@@ -559,7 +564,10 @@ def parse_age(text: str) -> timedelta:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    import psycopg
+
     from service import store
+    from service.api.errors import INPUTS_REMOVED_SQLSTATE
     from service.deploys import NotFound
     from service.lifecycle import IllegalTransition, Replay
 
@@ -592,6 +600,12 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                     print(f"{deploy_id} {view.status} (attempt {view.attempt} of {view.max_attempts})")
                 except (IllegalTransition, NotFound) as exc:
                     print(f"{deploy_id}: {exc or 'not found'}", file=sys.stderr)
+                    status = 1
+                except psycopg.DatabaseError as exc:
+                    if exc.sqlstate != INPUTS_REMOVED_SQLSTATE:
+                        raise
+                    print(f"{deploy_id}: its files and variables were removed by retention; "
+                          "it cannot run again", file=sys.stderr)
                     status = 1
             if args.failed and not ids:
                 print("no failed deploys")

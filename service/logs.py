@@ -11,7 +11,7 @@ written) places every line exactly among the events, and commit order agrees wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -19,6 +19,7 @@ from uuid import UUID
 import msgspec
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
 Conn = AsyncConnection[Any]
 
@@ -48,6 +49,30 @@ WHERE deploy_id = %(deploy_id)s::uuid AND seq > %(after_seq)s
 ORDER BY seq
 LIMIT %(limit)s
 """
+
+
+# Where a page of the log ends: the seq of the ``limit``-th line after ``after`` (NULL: every
+# line), or ``after`` itself when there is none. An index-only walk of at most ``limit`` keys.
+PAGE_END = """
+SELECT greatest(%(after)s, coalesce(max(seq), 0)) FROM (
+    SELECT seq FROM deploy_logs
+    WHERE deploy_id = %(deploy_id)s::uuid AND seq > %(after)s
+    ORDER BY seq
+    LIMIT %(limit)s
+) page
+"""
+
+# The text of a deploy's lines in (after, upto], in order, a batch at a time.
+READ_TEXT = """
+SELECT seq, line FROM deploy_logs
+WHERE deploy_id = %(deploy_id)s::uuid AND seq > %(after)s AND seq <= %(upto)s
+ORDER BY seq
+LIMIT %(batch)s
+"""
+
+# Lines per read when a log is served as text: a line is at most 16 KiB (the runners cut longer
+# ones), so a read holds a few MiB at worst and some 50 KiB for typical terraform output.
+TEXT_BATCH = 500
 
 
 class LogLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,3 +132,41 @@ async def read_logs(
         )
         rows = await cur.fetchall()
     return [LogLine(**{**row, "deploy_id": str(row["deploy_id"])}) for row in rows]
+
+
+async def page_end(conn: Conn, deploy_id: str | UUID, after: int, limit: int | None) -> int:
+    """The seq where a page of up to ``limit`` lines after ``after`` ends (every line so far
+    when ``limit`` is None): the page is exactly the lines in ``(after, page_end]``, whatever
+    is written meanwhile; ``after`` when there are none."""
+    cur = await conn.execute(
+        PAGE_END, {"deploy_id": str(deploy_id), "after": after, "limit": limit}
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else after
+
+
+async def text_between(
+    pool: AsyncConnectionPool[Any],
+    deploy_id: str | UUID,
+    after: int,
+    upto: int,
+    batch: int = TEXT_BATCH,
+) -> AsyncIterator[bytes]:
+    """The lines with ``after < seq <= upto`` as text (one line after another, a newline
+    between two, none after the last), read ``batch`` lines at a time, each read on a pool connection of its own that
+    is given back before the text is sent: whatever the log's size, a request holds one batch
+    and no connection while its client reads."""
+    first = True
+    while after < upto:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                READ_TEXT,
+                {"deploy_id": str(deploy_id), "after": after, "upto": upto, "batch": batch},
+            )
+            rows = await cur.fetchall()
+        if not rows:
+            return
+        text = "\n".join(line for _, line in rows)
+        yield (text if first else "\n" + text).encode()
+        first = False
+        after = rows[-1][0]

@@ -3,7 +3,7 @@
 PostgreSQL notifies on two channels (migration 0003), with ids only in the payload:
 
 - ``tfdeploy_events``: ``"<position> <deploy_id> <version>"`` for every appended event;
-- ``tfdeploy_logs``: ``"<deploy_id> <seq>"`` for every log line.
+- ``tfdeploy_logs``: ``"<deploy_id>"``, once per transaction that writes log lines (migration 0011).
 
 The ``Hub`` holds ONE dedicated connection (autocommit, outside the pool) listening on both. A
 notification is only a hint to look: nothing depends on what it says.

@@ -1,4 +1,5 @@
-"""The job queue: procrastinate in the same PostgreSQL. One task, ``run_deploy``.
+"""The job queue: procrastinate in the same PostgreSQL. Two tasks: ``run_deploy`` and, in a queue
+of its own, the periodic ``maintenance`` (retention: service/maintenance.py).
 
 A job carries only a deploy id and the attempt it is meant to run; the deploy's event stream
 decides whether that is still wanted (a stale job of a cancelled deploy does nothing). Jobs of one
@@ -22,7 +23,10 @@ QUEUE_NAME = "deploys"
 MAINTENANCE_QUEUE = "maintenance"
 TASK_NAME = "tfdeploy.run_deploy"
 
+MAINTENANCE_TASK = "tfdeploy.maintenance"
+
 Handler = Callable[[str, int], Awaitable[None]]
+MaintenanceHandler = Callable[[], Awaitable[object]]
 
 
 def workspace_lock(workspace: str) -> str:
@@ -57,10 +61,32 @@ class StoreUnavailableRetry(BaseRetryStrategy):
 
 
 class Queue:
+    # When the maintenance job is deferred (procrastinate's periodic deferrer, in every worker;
+    # the database keeps one job per tick however many workers there are). Cron, with an
+    # optional sixth field for seconds.
+    maintenance_cron = "*/10 * * * *"
+
     def __init__(self, url: str, *, pool_size: int = 4) -> None:
         connector = procrastinate.PsycopgConnector(conninfo=url, min_size=1, max_size=pool_size)
         self.app = procrastinate.App(connector=connector, worker_defaults={"install_signal_handlers": False})
         self._handler: Handler | None = None
+        self._maintenance: MaintenanceHandler | None = None
+
+        # One maintenance job at a time (lock), and at most one waiting (queueing lock: ticks
+        # missed while no worker ran do not pile up).
+        @self.app.periodic(cron=self.maintenance_cron, periodic_id="retention")
+        @self.app.task(
+            name=MAINTENANCE_TASK,
+            queue=MAINTENANCE_QUEUE,
+            lock=MAINTENANCE_QUEUE,
+            queueing_lock=MAINTENANCE_QUEUE,
+        )
+        async def maintenance(timestamp: int) -> None:
+            if self._maintenance is None:
+                raise RuntimeError("no maintenance handler installed in this process")
+            await self._maintenance()
+
+        self.maintenance = maintenance
 
         @self.app.task(name=TASK_NAME, queue=QUEUE_NAME, retry=StoreUnavailableRetry())
         async def run_deploy(deploy_id: str, attempt: int) -> None:
@@ -72,6 +98,9 @@ class Queue:
 
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler
+
+    def set_maintenance(self, handler: MaintenanceHandler) -> None:
+        self._maintenance = handler
 
     def run_job(
         self,

@@ -12,6 +12,8 @@ import msgspec
 
 PREFIX = "TFDEPLOY_"
 _RATE = re.compile(r"^\s*([1-9][0-9]{0,6})\s*/\s*([smh])\s*$")
+# The length of TFDEPLOY_RATE_LIMIT's window, by the unit of Settings.rate_limit_rule.
+RATE_WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
 
 
 class SettingsError(ValueError):

@@ -20,6 +20,7 @@ from typing import Any
 from service import planning
 from service.deployer import Deployer, default_worker_name
 from service.dispatch import Dispatcher, lane_count
+from service.maintenance import Maintenance
 from service.queue import MAINTENANCE_QUEUE
 from service.recovery import HEARTBEAT_INTERVAL, STALLED_AFTER, Recovery
 from service.runners import Runner, make_runner
@@ -58,6 +59,7 @@ class Worker:
             worker_name=self.name,
         )
         services.queue.set_handler(self.deployer.handle)
+        services.queue.set_maintenance(Maintenance(services, self.state_store).run)
         if not services.extras.get("maintenance_tasks"):
             # Periodic tasks, once per process (their jobs run on the maintenance queue).
             planning.register_plan_expiry(

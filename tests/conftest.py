@@ -177,7 +177,11 @@ async def services(database_url: str, tmp_path: Any) -> AsyncIterator[Any]:
     from service.services import open_services
     from service.settings import from_env
 
-    settings = from_env({}, data_dir=str(tmp_path), max_request_bytes=64 * 1024)
+    # Per-user limits no test of another concern reaches (tests/test_limits.py tests them).
+    settings = from_env(
+        {}, data_dir=str(tmp_path), max_request_bytes=64 * 1024, rate_limit="1000000/s",
+        max_streams_per_user=100_000,
+    )
     opened = await open_services(settings, database_url, pool_size=10)
     yield opened
     await opened.close()  # closes the SSE hub too

@@ -405,7 +405,8 @@ async def test_postgres_restart_api_answers_503_then_recovers_and_streams_resume
         to_sse = min(m.at for m in follow.messages if m.at > back_at) - back_at
         write_to_sse = min(m.at for m in follow.messages if m.at > first_write) - first_write
 
-        # During the outage: 503 JSON with Retry-After, answered (not hung).
+        # During the outage: 503 JSON with Retry-After, answered at once (issue 12, part 9:
+        # within a second once the service knows PostgreSQL is away, not after the pool's wait).
         during = [p for p in probes if down_at + 1 < p[1] < starting_at]
         answers = [p for p in during if p[2] == 503]
         assert answers, f"no 503 while PostgreSQL was down: {[(round(p[0] - down_at, 1), round(p[1] - down_at, 1), p[2]) for p in probes if p[1] > down_at][:8]}"
@@ -413,7 +414,11 @@ async def test_postgres_restart_api_answers_503_then_recovers_and_streams_resume
         for p in answers:
             assert p[3]["status_code"] == 503 and p[3]["detail"], p
             assert p[4] is not None and int(p[4]) > 0
-        slowest = max(p[1] - p[0] for p in answers)
+        times = sorted(p[1] - p[0] for p in answers)
+        slowest, typical = times[-1], times[len(times) // 2]
+        first = [p for p in probes if p[1] > down_at]
+        first_503 = min(p[1] for p in first if p[2] == 503) - down_at
+        assert slowest < 1.0, f"a 503 took {slowest:.2f} s"
 
         # A second outage: `pg_ctl restart`, immediate.
         await asyncio.sleep(1.5)
@@ -458,9 +463,10 @@ async def test_postgres_restart_api_answers_503_then_recovers_and_streams_resume
         assert len(follow.messages) > before
         assert api.proc.poll() is None, api.log()[-3000:]
         print(
-            f"\nscenario 2 (API process, PostgreSQL stopped {outage:.0f} s): "
-            f"{len(answers)} answers 503 + Retry-After during the outage (slowest "
-            f"{slowest:.1f} s); PostgreSQL back -> first 2xx {to_2xx:.2f} s, -> SSE delivery "
+            f"\nscenario 2 (API process, PostgreSQL stopped {outage:.0f} s): first 503 "
+            f"{first_503:.2f} s after the stop; {len(answers)} answers 503 + Retry-After during "
+            f"the outage (median {typical * 1000:.0f} ms, slowest {slowest * 1000:.0f} ms); "
+            f"PostgreSQL back -> first 2xx {to_2xx:.2f} s, -> SSE delivery "
             f"resumed {to_sse:.2f} s (first write after it {first_write - back_at:.2f} s, "
             f"commit -> SSE {write_to_sse:.2f} s); "
             f"pg_ctl restart -> SSE delivery resumed {to_sse_2:.2f} s; stream reconnects: "
@@ -589,7 +595,7 @@ async def test_a_request_waiting_through_an_outage_is_served_when_postgres_is_ba
             return time.monotonic()
 
         waiting = asyncio.create_task(wait_for_a_connection())
-        await asyncio.sleep(8)  # past the 3 s reconnect window, more than once
+        await asyncio.sleep(8)  # past the reconnect window (service/db.py), many times
         assert not waiting.done()
         starting_at = time.monotonic()
         await asyncio.to_thread(cluster.start)

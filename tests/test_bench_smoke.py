@@ -25,6 +25,8 @@ SCRIPTS = [
     ("replay.py", [], "## Projection rebuild"),
     ("providers.py", [], "## Providers"),
     ("plans.py", [], "## Plan-only deploy"),
+    ("flood.py", [], "## Flood"),
+    ("fairness.py", [], "## Fair turns"),
 ]
 
 

@@ -1283,3 +1283,17 @@ async def test_an_open_stream_ends_when_its_token_is_revoked(
                 "UPDATE api_tokens SET revoked_at = NULL"
                 " WHERE user_id = (SELECT id FROM users WHERE name = 'eve')"
             )
+
+
+def test_a_log_message_is_written_as_sse_starlette_would_write_it() -> None:
+    """encode_line formats log messages itself (it is most of a flood's work); byte for byte
+    what message() gives, whatever the line holds."""
+    import msgspec
+
+    from service.api.feeds import LogOut, encode_line, message
+
+    for text in ("plain", 'quotes " and \\ back', "cr\rlf\ncrlf\r\n", "\u2028\u2029 \x00 \x1b[1m",
+                 "한국어 ✓", "data: fake\n\nid: 9", ""):
+        line = LogOut(seq=12, attempt=2, stream="stderr", line=text, after_version=3)
+        expected = message(msgspec.json.encode(line).decode(), event="log", id="3.12").encode()
+        assert encode_line(line) == expected, text

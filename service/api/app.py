@@ -11,6 +11,11 @@ Dependencies every handler may declare:
 The SSE routes (service.api.streams) share the process's LISTEN hub (service.notify), kept in
 ``services.extras["hub"]``: started on the first stream, closed on the app's shutdown.
 
+Middleware: every HTTP request's database work fails fast while PostgreSQL is known to be away
+(``fail_fast``: 503 at once, service.db); requests that carry a token are counted per user
+(service.api.limits, ``TFDEPLOY_RATE_LIMIT``). The process's stream slots and validation threads
+(service.api.limits) are closed on the app's shutdown.
+
 Every response, errors and unknown paths included, carries ``X-Content-Type-Options: nosniff``
 and, unless it sets a stricter policy of its own (the status page), ``Content-Security-Policy:
 frame-ancestors 'none'`` (``security_headers``, a hook on the ASGI send).
@@ -24,21 +29,24 @@ from typing import Any
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, Tag
-from litestar.types import ControllerRouterHandler, Message, Scope
+from litestar.types import ASGIApp, ControllerRouterHandler, Message, Receive, Scope, Send
 
 from service.api.auth import SECURITY_SCHEMES, current_principal
 from service.api.deploys import DeployController
 from service.api.errors import EXCEPTION_HANDLERS, refuse_repeated_query_parameters
 from service.api.events import EventController
 from service.api.health import HealthController
+from service.api.limits import StreamSlots, ValidationGate, request_limit
 from service.api.members import MemberController
 from service.api.streams import STREAM_ROUTES, StreamOptions
 from service.api.tfstate import LockMethodsApp, TfstateController
 from service.api.web import WebController
 from service.api.workspaces import WorkspaceController
+from service.db import FAIL_FAST
 from service.services import Services
 from service.statestores import StateStore, make_state_store
 from service.validation import body_limit, warm_up
@@ -60,6 +68,26 @@ async def security_headers(message: Message, scope: Scope) -> None:
         if name not in names:
             headers.append((name, value))
     message["headers"] = headers
+
+
+def fail_fast(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: the request's database work fails fast while PostgreSQL is known to be
+    away (service.db.FAIL_FAST; answered 503 with Retry-After by service.api.errors). Set in
+    the request's own task: a worker in the same process (``tfdeploy up``) keeps waiting."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        # Undone after: a server runs each request in a task of its own, but an in-process
+        # client (tests) runs the app in its caller's task.
+        token = FAIL_FAST.set(True)
+        try:
+            await app(scope, receive, send)
+        finally:
+            FAIL_FAST.reset(token)
+
+    return middleware
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -115,6 +143,15 @@ def create_app(
         if hub is not None:
             await hub.close()
 
+    async def close_limits() -> None:
+        # This process's streams stop counting now; its validation threads end.
+        slots = services.extras.get("stream_slots")
+        if isinstance(slots, StreamSlots):
+            await slots.close()
+        gate = services.extras.pop("validation_gate", None)
+        if isinstance(gate, ValidationGate):
+            gate.close()
+
     # LockMethodsApp: terraform's LOCK/UNLOCK on a workspace's tfstate/lock path (the state
     # backend, service/api/tfstate.py) reach its POST/DELETE handlers.
     return LockMethodsApp(
@@ -135,6 +172,7 @@ def create_app(
             "principal": Provide(current_principal),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[fail_fast, request_limit(services.settings).middleware],
         before_request=refuse_repeated_query_parameters,
         before_send=[security_headers],
         openapi_config=openapi_config(),
@@ -143,7 +181,7 @@ def create_app(
         request_max_body_size=body_limit(services.settings.max_request_bytes),
         # Build python-hcl2's parser before the first request rather than during it.
         on_startup=[warm_up],
-        on_shutdown=[close_hub, *([on_shutdown] if on_shutdown else [])],
+        on_shutdown=[close_hub, close_limits, *([on_shutdown] if on_shutdown else [])],
         state=State(
             {
                 "services": services,

@@ -71,6 +71,10 @@ def basic_password(credentials: str) -> str:
         return ""
     _, sep, password = decoded.partition(":")
     return password.strip() if sep else ""
+# Where the request limiter (service.api.limits), which looks the token up as it counts the
+# request, leaves who it names: a Principal, or TOKEN_REFUSED.
+PRINCIPAL_SCOPE_KEY = "tfdeploy.principal"
+TOKEN_REFUSED = "refused"
 
 
 def token_of(request: Request[Any, Any, Any]) -> str | None:
@@ -96,6 +100,11 @@ async def current_principal(request: Request[Any, Any, Any], services: Services)
             raise _basic_refusal("missing token: send it as the Basic auth password")
         raise Unauthorized("missing token: send Authorization: Bearer <token>")
     if not token:
+        raise _basic_refusal("invalid token") if basic else Unauthorized("invalid token")
+    known = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if isinstance(known, Principal):
+        return known
+    if known == TOKEN_REFUSED:
         raise _basic_refusal("invalid token") if basic else Unauthorized("invalid token")
     # One statement: autocommit spares the BEGIN and COMMIT round trips of every request.
     async with autocommit(services.pool) as conn:

@@ -9,7 +9,6 @@ unknown id and a deploy the caller may not see are all 404. A deploy names its w
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgspec
@@ -24,6 +23,7 @@ from litestar.openapi.spec import (
     Schema,
 )
 from litestar.params import Parameter
+from litestar.response import Stream
 
 from service import planning, store
 from service.api import access
@@ -36,6 +36,7 @@ from service.api.errors import (
     check_limit,
     check_text,
 )
+from service.api.limits import validation_gate
 from service.api.schemas import (
     DeployOut,
     DeployPage,
@@ -48,7 +49,7 @@ from service.api.schemas import (
 from service.auth import Principal
 from service.deploys import NewDeploy, NotFound
 from service.lifecycle import STATUSES, Cancel, Replay
-from service.logs import read_logs
+from service.logs import page_end, text_between
 from service.services import Services
 from service.validation import body_limit, parse_deploy_request
 
@@ -61,6 +62,7 @@ IDEMPOTENCY_KEY = Parameter(
 )
 LIST_LIMIT_MAX = 200
 LIST_LIMIT_DEFAULT = 50
+LOG_LIMIT_MAX = 100_000
 DEPLOY_ID = Parameter(description="The deploy's id (a UUID).")
 
 
@@ -259,8 +261,11 @@ class DeployController(Controller):
         # JSON escaping inflates content: the raw body may exceed the content limit somewhat;
         # the content itself is held to max_request_bytes by validation (413).
         body = await read_body(request, body_limit(settings.max_request_bytes))
-        # Parsing HCL is CPU-bound (up to ~1 s for 1 MiB): keep the event loop free.
-        parsed = await asyncio.to_thread(parse_deploy_request, body, settings.max_request_bytes)
+        # Parsing HCL is CPU-bound (up to ~1 s for 1 MiB): off the event loop, on the bounded
+        # validation threads, one body per user at a time (service.api.limits).
+        parsed = await validation_gate(services).run(
+            principal.name, parse_deploy_request, body, settings.max_request_bytes
+        )
         new = NewDeploy(
             workspace=parsed.workspace,
             action=parsed.action,
@@ -360,28 +365,48 @@ class DeployController(Controller):
 
     @get(
         "/{deploy_id:str}/logs",
-        summary="Terraform output so far",
-        responses=error_responses(400, 404),
+        summary="Terraform output so far, a page at a time",
+        responses=error_responses(400, 404, 422),
+        response_description="The lines, one per text line; header X-Last-Seq: the last one's seq.",
         media_type=MediaType.TEXT,  # Litestar adds "; charset=utf-8"
+        description=(
+            "The deploy's lines with a sequence number above `after`, at most `limit` of them "
+            "(every line so far without it), one per text line. `X-Last-Seq` is the sequence "
+            "number of the last line in the answer (`after` when there is none): ask for the "
+            "next page with `after` set to it. Streamed from the database, whatever the log's "
+            "size."
+        ),
     )
     async def deploy_logs(
         self,
         services: Services,
         principal: Principal,
         deploy_id: str = DEPLOY_ID,
-        after_seq: int = Parameter(
-            default=0, description="Only lines after this sequence number.", ge=0
+        after: int | None = Parameter(
+            default=None, description="Only lines after this sequence number.", ge=0
         ),
-    ) -> Response[str]:
+        after_seq: int | None = Parameter(
+            default=None, description="The same as `after` (its earlier name).", ge=0
+        ),
+        limit: int | None = Parameter(
+            default=None,
+            description=f"At most this many lines (1-{LOG_LIMIT_MAX}); every line so far without it.",
+            schema_extra={"minimum": 1, "maximum": LOG_LIMIT_MAX},
+        ),
+    ) -> Stream:
+        if after is not None and after_seq is not None and after != after_seq:
+            raise Malformed("give after or after_seq (its earlier name), not both")
+        start = after if after is not None else (after_seq or 0)
+        if limit is not None:
+            check_limit(limit, LOG_LIMIT_MAX)
         deploy = await access.visible_deploy(services, principal, deploy_id)
         async with services.pool.connection() as conn:
-            lines = await read_logs(conn, deploy.id, after_seq=after_seq)
-        headers = {
-            "X-Last-Seq": str(lines[-1].seq if lines else after_seq),
-            "Cache-Control": "no-store",
-        }
-        return Response(
-            "\n".join(line.line for line in lines), media_type=MediaType.TEXT, headers=headers
+            upto = await page_end(conn, deploy.id, start, limit)
+        headers = {"X-Last-Seq": str(upto), "Cache-Control": "no-store"}
+        return Stream(
+            text_between(services.pool, deploy.id, start, upto),
+            media_type=MediaType.TEXT,
+            headers=headers,
         )
 
     @post(

@@ -18,6 +18,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from psycopg_pool import PoolTimeout
 
+from service.db import DatabaseAway
 from service.deploys import IdempotencyMismatch, NotFound
 from service.lifecycle import IllegalTransition
 from service.statestores.base import StateStoreError
@@ -33,9 +34,10 @@ class ApiError(Exception):
 
     status_code = 400
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers
 
 
 class Malformed(ApiError):
@@ -64,6 +66,13 @@ class UnsupportedMediaType(ApiError):
     """A request body in a media type the route does not read (``POST /deploys`` takes JSON)."""
 
     status_code = 415
+
+
+class TooManyRequests(ApiError):
+    """Past a per-user limit (requests, open streams): say when to try again (``Retry-After``
+    among ``headers``)."""
+
+    status_code = 429
 
 
 class Unprocessable(ApiError):
@@ -111,8 +120,10 @@ def error_response(
 
 
 def _api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[Any]:
-    headers = {"WWW-Authenticate": 'Bearer realm="tfdeploy"'} if exc.status_code == 401 else None
-    return error_response(exc.status_code, exc.detail, headers=headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tfdeploy"'
+    return error_response(exc.status_code, exc.detail, headers=headers or None)
 
 
 def _not_found(_: Request[Any, Any, Any], exc: NotFound) -> Response[Any]:
@@ -144,6 +155,32 @@ def _invalid_request(_: Request[Any, Any, Any], exc: InvalidRequest) -> Response
 def _unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
     return error_response(503, "database unavailable", headers={"Retry-After": "5"})
+
+
+# How soon to try again while PostgreSQL is known to be away: the pool tries to reconnect at
+# least every second (service.db), and answers again as soon as one succeeds.
+AWAY_RETRY_AFTER = 1
+
+
+def _away(_: Request[Any, Any, Any], exc: DatabaseAway) -> Response[Any]:
+    # Answered at once (service.db, FAIL_FAST): no warning per request; the pool logs the outage.
+    return error_response(
+        503, "database unavailable", headers={"Retry-After": str(AWAY_RETRY_AFTER)}
+    )
+
+
+# A replay of a deploy whose inputs retention removed (migration 0011's trigger).
+INPUTS_REMOVED_SQLSTATE = "TD410"
+
+
+def _database_error(request: Request[Any, Any, Any], exc: psycopg.DatabaseError) -> Response[Any]:
+    if exc.sqlstate == INPUTS_REMOVED_SQLSTATE:
+        return error_response(
+            409,
+            "this deploy cannot run again: its files and variables were removed by retention "
+            "(TFDEPLOY_INPUT_RETENTION_DAYS)",
+        )
+    return _unexpected(request, exc)
 
 
 def _data_error(request: Request[Any, Any, Any], exc: psycopg.DataError) -> Response[Any]:
@@ -187,7 +224,9 @@ EXCEPTION_HANDLERS: MutableMapping[
     InvalidRequest: _invalid_request,
     psycopg.OperationalError: _unavailable,
     psycopg.DataError: _data_error,
+    psycopg.DatabaseError: _database_error,
     PoolTimeout: _unavailable,
+    DatabaseAway: _away,
     StateStoreError: _state_store,
     ValidationException: _validation,
     HTTPException: _http,

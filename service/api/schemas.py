@@ -37,12 +37,13 @@ _ERROR_MEANING = {
     413: "Request too large.",
     415: "The request body is not JSON (send `Content-Type: application/json`).",
     422: "Invalid request.",
+    429: "Past a per-user limit (requests, open event streams): try again after Retry-After seconds.",
     503: "Database unavailable.",
 }
 
 
 def error_responses(*codes: int) -> dict[int, ResponseSpec]:
-    """OpenAPI documentation of the error answers a route may give (401 and 503 always).
+    """OpenAPI documentation of the error answers a route may give (401, 429 and 503 always).
 
     Examples are written out: litestar invents missing ones with polyfactory and faker, which
     the service does not install (requirements.lock). Every ResponseSpec with a data container
@@ -54,7 +55,7 @@ def error_responses(*codes: int) -> dict[int, ResponseSpec]:
             generate_examples=False,
             examples=[Example(value={"status_code": code, "detail": _ERROR_MEANING[code]})],
         )
-        for code in sorted({401, 503, *codes})
+        for code in sorted({401, 429, 503, *codes})
     }
 
 

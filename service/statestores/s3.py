@@ -245,6 +245,33 @@ class S3StateStore:
             )
         return content, actual, resp
 
+    async def delete(self, workspace: str, version: int, location: str) -> None:
+        """Delete one stored version for good (retention, service/maintenance.py): on a
+        versioned bucket every version of its object -- a plain delete would only hide it
+        behind a delete marker -- else the object. What is not there is no error."""
+        bucket, key = self._parse(workspace, version, location)
+        await self._call(f"delete {key}", self._delete_sync, bucket, key)
+
+    def _delete_sync(self, bucket: str, key: str) -> None:
+        try:
+            pages = self.client.get_paginator("list_object_versions").paginate(
+                Bucket=bucket, Prefix=key
+            )
+            ids = [
+                v["VersionId"]
+                for page in pages
+                for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
+                if v.get("Key") == key and v.get("VersionId")
+            ]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("NotImplemented", "InvalidRequest"):
+                raise
+            ids = []  # a store without versions
+        for version_id in ids:
+            self.client.delete_object(Bucket=bucket, Key=key, VersionId=version_id)
+        if not ids:
+            self.client.delete_object(Bucket=bucket, Key=key)
+
     # -- key rotation (service.rotation) -----------------------------------------------------
 
     def reseal(self, workspace: str, version: int, location: str) -> bool:

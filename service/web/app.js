@@ -45,6 +45,7 @@
   };
   const LIST_POLL_MS = 2000;
   const DETAIL_POLL_MS = 1000;
+  const LOG_PAGE_LINES = 2000; // GET /deploys/{id}/logs?limit=: lines per answer
   const STREAM_RETRY_MIN_MS = 3000;
   const STREAM_RETRY_MAX_MS = 30000;
   const END_GRACE_MS = 10000; // a terminal deploy's stream is closed if no `end` comes by then
@@ -801,15 +802,19 @@
       const page = await api(`${base}/events?after=${this.maxVersion}`);
       probe.eventPolls += 1;
       for (const event of page.items || []) this.addEvent(event);
-      const response = await api(`${base}/logs?after_seq=${this.lastSeq}`, { raw: true });
-      probe.logPolls += 1;
-      const text = await response.text();
-      const last = Number.parseInt(response.headers.get("X-Last-Seq") || "", 10);
-      if (Number.isFinite(last) && last > this.lastSeq) {
+      // Terraform output a page at a time: however long the log, each answer is bounded.
+      for (;;) {
+        const url = `${base}/logs?after=${this.lastSeq}&limit=${LOG_PAGE_LINES}`;
+        const response = await api(url, { raw: true });
+        probe.logPolls += 1;
+        const text = await response.text();
+        const last = Number.parseInt(response.headers.get("X-Last-Seq") || "", 10);
+        if (!Number.isFinite(last) || last <= this.lastSeq) break;
         const lines = text.split("\n");
         const first = last - lines.length + 1;
         lines.forEach((line, i) => this.addLogLine({ seq: first + i, line, stream: "stdout" }));
         this.lastSeq = last;
+        if (lines.length < LOG_PAGE_LINES) break;
       }
       return TERMINAL.has(deploy.status);
     }
