@@ -132,11 +132,11 @@ def instrument_local() -> None:
     _wrap(dep.Deployer, "handle")
     _wrap(store, "read_stream")
     _wrap(dep.Deployer, "prepare")
-    _wrap(local.LocalRunner, "acquire_slot")
-    _wrap(local, "_prepare")
+    _wrap(local.LocalRunner, "reserve")
+    _wrap(local.LocalRunner, "prepare", "runner_prepare")
+    _wrap(local.LocalRunner, "_prepare_dir")
     _wrap(local.LocalRunner, "run")
     _wrap(local.LocalRunner, "_write_record")
-    _wrap(local, "_read_or_none")
     _wrap(dep.Deployer, "conclude")
     _wrap(dep.Deployer, "_wait_for_db")
     _wrap(index, "next_version")
@@ -155,16 +155,6 @@ def instrument_local() -> None:
         finally:
             _mark(label + "<")
     Deploys.execute = execute  # type: ignore[method-assign]
-
-    orig_run_one = local.LocalRunner._run_one
-
-    async def run_one(self, args, *a, **kw):  # type: ignore[no-untyped-def]
-        _mark(f"{args[0]}>")
-        try:
-            return await orig_run_one(self, args, *a, **kw)
-        finally:
-            _mark(f"{args[0]}<")
-    local.LocalRunner._run_one = run_one  # type: ignore[method-assign]
 
     orig_spawn = asyncio.create_subprocess_exec
 
@@ -248,28 +238,24 @@ def record_steps(wall0: float, req: float, started: float, persisted: float, suc
         return (b - a) * 1000
 
     handle = _first("handle>")
-    init_spawned, init_exit, init_e = _first("spawn<"), _first("exited"), _first("init<")
-    apply_s = _first("apply>")
-    apply_spawned, apply_exit, apply_e = _first("spawn<", apply_s), _first("exited", apply_s), _first("apply<")
+    # The run's steps (init, validate, apply) run in ONE sandboxed process (service/runners/
+    # script.py): spawned once, exits once.
+    spawned, exited = _first("spawn<", _first("run>")), _first("exited", _first("run>"))
     run_e = _last("run<")
     _step("POST sent -> Requested (event)", ms(wall0, req))
     _step("Requested -> job handled (queue: defer, NOTIFY, fetch)", ms(req, handle))
     _step("  handle: read_stream + fold", ms(handle, _first("prepare>")))
     _step("  prepare (inputs, secrets, index.latest)", ms(_first("prepare>"), _first("prepare<")))
-    _step("  acquire_slot (flock + _prepare in a thread)", ms(_first("acquire_slot>"), _first("acquire_slot<")))
-    _step("    of which _prepare (temp dir, files)", ms(_first("_prepare>"), _first("_prepare<")))
+    _step("  reserve (a place: flock)", ms(_first("reserve>"), _first("reserve<")))
+    _step("  runner prepare (run dir, files)", ms(_first("runner_prepare>"), _first("runner_prepare<")))
+    _step("    of which _prepare_dir", ms(_first("_prepare_dir>"), _first("_prepare_dir<")))
     _step("  execute StartAttempt", ms(_first("execute:StartAttempt>"), _first("execute:StartAttempt<")))
     _step("job handled -> Started (sum of the 4 above)", ms(handle, started))
     _step("Started -> runner.run entered", ms(started, _first("run>")))
-    _step("run> -> init spawned (env, files, fork/exec)", ms(_first("run>"), init_spawned))
-    _step("init: spawned -> exit noticed", ms(init_spawned, init_exit))
-    _step("init: exit -> pumps drained", ms(init_exit, init_e))
-    _step("init -> apply spawned", ms(init_e, apply_spawned))
-    _step("apply: spawned -> exit noticed", ms(apply_spawned, apply_exit))
-    _step("  init: reaped (waitpid) -> exit noticed in the loop", ms(_first("reaped", init_spawned), init_exit))
-    _step("  apply: reaped (waitpid) -> exit noticed in the loop", ms(_first("reaped", apply_spawned), apply_exit))
-    _step("apply: exit -> pumps drained", ms(apply_exit, apply_e))
-    _step("apply< -> run returns (state read, record)", ms(apply_e, run_e))
+    _step("run> -> sandbox spawned (env, script, fork/exec)", ms(_first("run>"), spawned))
+    _step("sandbox: spawned -> exit noticed (init, validate, apply)", ms(spawned, exited))
+    _step("  reaped (waitpid) -> exit noticed in the loop", ms(_first("reaped", spawned), exited))
+    _step("exit -> run returns (output drained, state read, record)", ms(exited, run_e))
     _step("run returns -> StatePersisted (conclude)", ms(run_e, persisted))
     _step("  conclude: _wait_for_db", ms(_first("_wait_for_db>"), _first("_wait_for_db<")))
     _step("  conclude: next_version", ms(_first("next_version>"), _first("next_version<")))
@@ -288,12 +274,10 @@ def record_steps(wall0: float, req: float, started: float, persisted: float, suc
     _step("  client poll query, each (median)", median([ms(a, b) for a, b in POLLS]) if POLLS else float("nan"))
     POLLS.clear()
     _step("= Started -> StatePersisted", ms(started, persisted))
-    _step("= terraform processes (init + apply, spawn -> exit)", ms(init_spawned, init_exit) + ms(apply_spawned, apply_exit))
-    hand_tf = HAND_SPLIT["init"][-1] + HAND_SPLIT["apply"][-1] if HAND_SPLIT.get("apply") else float("nan")
-    _step("terraform processes: tfdeploy - by hand (paired)",
-          ms(init_spawned, init_exit) + ms(apply_spawned, apply_exit) - hand_tf)
-    _step("= Started -> StatePersisted - terraform processes",
-          ms(started, persisted) - ms(init_spawned, init_exit) - ms(apply_spawned, apply_exit))
+    _step("= the sandboxed run (spawn -> exit)", ms(spawned, exited))
+    hand_tf = sum(v[-1] for v in HAND_SPLIT.values() if v) if HAND_SPLIT else float("nan")
+    _step("the run: tfdeploy - terraform by hand (paired)", ms(spawned, exited) - hand_tf)
+    _step("= Started -> StatePersisted - the run", ms(started, persisted) - ms(spawned, exited))
     _step("Popen() in the event loop, each (median)",
           median(POPEN["main"]) if POPEN.get("main") else float("nan"))
     _step("Popen() by hand, each (median)",
