@@ -524,6 +524,7 @@ def _workspace_unlock(settings: Settings, args: argparse.Namespace) -> int:
     for an admin): recorded as ``StateForceUnlocked`` by ``admin:<actor>``; the workspace's
     queued deploys then start. A deploy's hold is not the CLI's: cancel the deploy instead."""
     from service import cli_backend, workspaces
+    from service.cli_backend_rules import BackendError
 
     owner, sep, name = args.ref.rpartition(":")
     if not sep or not owner or not name:
@@ -539,7 +540,7 @@ def _workspace_unlock(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             try:
                 released = await cli_backend.force_unlock_from_shell(services.pool, ws, args.actor)
-            except cli_backend.BackendError as exc:
+            except BackendError as exc:
                 print(f"{_safe(ws.ref)}: {_safe(exc.detail)}", file=sys.stderr)
                 return 1
         if released is None:
