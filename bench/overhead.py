@@ -124,7 +124,7 @@ def _wrap(owner: object, name: str, label: str | None = None) -> None:
 def instrument_local() -> None:
     """Time the deployer's and the local runner's steps (wrapping them here, in the bench)."""
     from service import deployer as dep
-    from service import store
+    from service import deployer_outcome, store
     from service.deploys import Deploys
     from service.runners import local
     from service.statestores import index
@@ -138,9 +138,9 @@ def instrument_local() -> None:
     _wrap(local.LocalRunner, "run")
     _wrap(local.LocalRunner, "_write_record")
     _wrap(dep.Deployer, "conclude")
-    _wrap(dep.Deployer, "_wait_for_db")
+    _wrap(deployer_outcome.Outcomes, "_wait_for_db")
     _wrap(index, "next_version")
-    _wrap(dep, "put_with_retries")
+    _wrap(deployer_outcome, "put_with_retries")
     _wrap(index, "record_version")
     _wrap(dep.LogWriter, "flush")
     _wrap(local.LocalSlot, "release")

@@ -6,6 +6,9 @@
   reported by the worker), or ``IllegalTransition`` when the command makes no sense now.
 - ``status_of(state)``: the status a client sees.
 
+The rules ``decide`` applies to a failure's reason and to a new plan under an earlier approval
+are ``service.lifecycle_rules`` (``failure_reason``, ``FINAL_REASONS``, ``within_approved``).
+
 The shell (``service.deploys``) loads a stream, calls ``decide``, appends the result with the
 expected version, and performs the effects.
 """
@@ -38,6 +41,14 @@ from service.events import (
     Step,
     Succeeded,
 )
+from service.lifecycle_rules import (
+    FINAL_REASONS,
+    WITHIN_APPROVED,
+    FailureKind,
+    RunStep,
+    failure_reason,
+    within_approved,
+)
 
 Phase = Literal[
     "new", "queued", "running", "planned", "succeeded", "failed", "cancelled", "discarded"
@@ -50,14 +61,6 @@ STATUSES: tuple[Status, ...] = (
 )
 TERMINAL: frozenset[Phase] = frozenset({"succeeded", "failed", "cancelled", "discarded"})
 TERMINAL_STATUSES: frozenset[str] = frozenset(TERMINAL)
-
-# Where a run failed (the runner reports it): terraform's own steps.
-RunStep = Literal["init", "validate", "plan", "show_plan", "apply", "destroy", "apply_plan"]
-# How it failed, from terraform's diagnostics: the configuration itself, the network or a
-# registry, or anything else.
-FailureKind = Literal["config", "network", "other"]
-# Failures no retry can fix: the deploy fails at once whatever its budget.
-FINAL_REASONS: frozenset[str] = frozenset({"invalid_config", "state_invalid"})
 
 # Retry delays grow per attempt: base, 2*base, 4*base ... capped here.
 MAX_RETRY_DELAY = 3600.0
@@ -95,7 +98,7 @@ class DeployState(msgspec.Struct, frozen=True, kw_only=True):
     state_version: int | None = None  # the workspace state version this deploy last persisted
     plan: Planned | None = None  # the latest plan
     # The changes of the latest plan a PERSON approved: the re-plan rule measures new plans
-    # against it (service.lifecycle.within_approved).
+    # against it (service.lifecycle_rules.within_approved).
     approved: tuple[PlanChange, ...] | None = None
 
     @property
@@ -359,54 +362,6 @@ def _persisted(state: PersistedState | None, attempt: int) -> list[Event]:
     if state is None:
         return []
     return [StatePersisted(attempt=attempt, **msgspec.structs.asdict(state))]
-
-
-WITHIN_APPROVED = "within_approved"
-_REPLACE = frozenset({"delete", "create"})
-_NOTHING = (("no-op",), ("read",), ())
-
-
-def within_approved(changes: Iterable[PlanChange], approved: Iterable[PlanChange]) -> bool:
-    """The re-plan rule: may a new plan be applied under an earlier approval?
-
-    Yes when every change it makes was approved: the same address with the same actions, or a
-    part of them (the create of an approved replace whose delete already happened, say). Also
-    counted as approved: replacing a resource the approved plan was to create and that the
-    failed attempt left tainted (terraform plans the re-creation as a replace). No-ops and
-    reads change nothing. Anything else -- a new address, another action -- needs a new
-    approval."""
-    allowed = {c.address: frozenset(c.actions) for c in approved}
-    for change in changes:
-        if tuple(change.actions) in _NOTHING:
-            continue
-        acts = frozenset(change.actions)
-        ok = allowed.get(change.address)
-        if ok is None:
-            return False
-        if acts <= ok:
-            continue
-        if change.tainted and acts == _REPLACE and ok == frozenset({"create"}):
-            continue
-        return False
-    return True
-
-
-def failure_reason(reason: str, step: RunStep | None, kind: FailureKind | None) -> str:
-    """The reason recorded for a failed attempt. Terraform's own failure ("apply_failed") is
-    named by the step it failed in; a configuration that init or validate refuses is
-    ``invalid_config`` (final: no retry can fix it). A network or registry failure during init
-    stays retryable. Reasons of the service's own (timeout, runner_lost, ...) are kept."""
-    if reason != "apply_failed" or step is None:
-        return reason
-    if step in ("init", "validate") and kind == "config":
-        return "invalid_config"
-    if step == "init":
-        return "init_failed"
-    if step == "validate":
-        return "invalid_config"  # validate fails only on the configuration
-    if step in ("plan", "show_plan"):
-        return "plan_failed"
-    return "apply_failed"
 
 
 def _planned(command: PlanMade, state: DeployState, *, awaits: bool) -> Planned:

@@ -39,14 +39,14 @@ resource "terraform_data" "b" {
 # nothing else has it yet. The marker tells the test the window is open.
 BLOCKING_WORKER = """
 import asyncio, os, sys
-import service.deployer as deployer
+import service.deployer_outcome as outcome
 
 async def blocked(*args, **kwargs):
     with open(os.environ["CRASH_WINDOW_MARKER"], "w") as f:
         f.write("blocked")
     await asyncio.sleep(3600)
 
-deployer.put_with_retries = blocked
+outcome.put_with_retries = blocked
 from service.cli import main
 sys.exit(main(["worker"]))
 """

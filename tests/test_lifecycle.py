@@ -47,7 +47,6 @@ from service.events import (
     type_name,
 )
 from service.lifecycle import (
-    FINAL_REASONS,
     INITIAL,
     MAX_RETRY_DELAY,
     STATUSES,
@@ -74,6 +73,7 @@ from service.lifecycle import (
     shown_attempt,
     status_of,
 )
+from service.lifecycle_rules import FINAL_REASONS
 from service.projection import DeployView, StoredEvent, view_of
 
 # ====================================================================== helpers

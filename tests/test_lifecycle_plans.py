@@ -39,12 +39,11 @@ from service.lifecycle import (
     StartAttempt,
     StateNotPersisted,
     decide,
-    failure_reason,
     fold,
     shown_attempt,
     status_of,
-    within_approved,
 )
+from service.lifecycle_rules import failure_reason, within_approved
 
 
 def change(address: str, *actions: str, tainted: bool = False) -> PlanChange:

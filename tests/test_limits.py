@@ -718,7 +718,7 @@ async def test_the_validation_gate_takes_one_body_per_user_and_bounds_its_thread
 
 
 def test_uvicorn_limit_concurrency_follows_the_descriptor_limit(tmp_path) -> None:
-    from service.cli import _server
+    from service.cli.serving import _server
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:

@@ -1,8 +1,8 @@
-"""Terraform's http state backend on tfdeploy (issue #15): the rules alone (service.cli_backend's
-pure decisions), then the routes against a real PostgreSQL -- auth, Content-MD5, the one lock
-shared with the deploy queue (what LOCK sees of deploys, what the claim sees of LOCK), safe
-writes, the audit trail, ``tfdeploy workspace unlock``. The real ``terraform`` binary as the
-client is tests/test_tfstate_cli.py."""
+"""Terraform's http state backend on tfdeploy (issue #15): the rules alone
+(service.cli_backend_rules' pure decisions), then the routes against a real PostgreSQL -- auth,
+Content-MD5, the one lock shared with the deploy queue (what LOCK sees of deploys, what the claim
+sees of LOCK), safe writes, the audit trail, ``tfdeploy workspace unlock``. The real
+``terraform`` binary as the client is tests/test_tfstate_cli.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pytest
 from test_dispatch_claim import Queue, notifications
 
 from service import workspaces
-from service.cli_backend import (
+from service.cli_backend_rules import (
     Accept,
     BadLockInfo,
     CliLock,

@@ -1,4 +1,5 @@
-"""service.validation: every rule of a POST /deploys body, the refused and the accepted side."""
+"""service.validation (with its HCL scanner, service.hcl_scan): every rule of a POST /deploys body,
+the refused and the accepted side."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import msgspec
 import pytest
 
 from service import validation as v
+from service.hcl_scan import MAX_NESTING, ScanResult, scan_hcl
 from service.validation import (
     HCL_PARSE_BUDGET,
     MAX_FILES,
-    MAX_NESTING,
     MAX_VALUE_BYTES,
     SAFE_NAME,
     DeployRequest,
@@ -21,7 +22,6 @@ from service.validation import (
     body_limit,
     check_file_name,
     parse_deploy_request,
-    scan_hcl,
     validate,
 )
 
@@ -792,9 +792,9 @@ def test_backend_blocks_are_refused_by_each_check_alone(
     # python-hcl2's structure alone: the scanner's finding is ignored
     real_scan = v.scan_hcl
 
-    def blind_scan(text: str, *, check_backend: bool = True) -> v.ScanResult:
+    def blind_scan(text: str, *, check_backend: bool = True) -> ScanResult:
         result = real_scan(text, check_backend=check_backend)
-        return v.ScanResult(result.error, None, result.masked)
+        return ScanResult(result.error, None, result.masked)
 
     monkeypatch.setattr(v, "scan_hcl", blind_scan)
     with pytest.raises(InvalidRequest, match="manages Terraform state"):

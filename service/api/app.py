@@ -42,6 +42,7 @@ from service.api.events import EventController
 from service.api.health import HealthController
 from service.api.limits import StreamSlots, ValidationGate, request_limit
 from service.api.members import MemberController
+from service.api.plans import PlanController
 from service.api.streams import STREAM_ROUTES, StreamOptions
 from service.api.tfstate import LockMethodsApp, TfstateController
 from service.api.web import WebController
@@ -157,6 +158,7 @@ def create_app(
     return LockMethodsApp(
         route_handlers=[
             DeployController,
+            PlanController,
             WorkspaceController,
             TfstateController,
             MemberController,

@@ -1,5 +1,5 @@
 """Terraform's ``http`` state backend on a workspace (docs/terraform-cli.md; the rules are
-``service/cli_backend.py``):
+``service/cli_backend_rules.py``, the transactions ``service/cli_backend.py``):
 
     GET    /workspaces/{ref}/tfstate        the latest state (204: none yet)
     POST   /workspaces/{ref}/tfstate[?ID=]  a new state version
@@ -39,7 +39,14 @@ from service.api.deploys import read_body
 from service.api.errors import Malformed, Unprocessable
 from service.api.schemas import error_responses
 from service.auth import Principal
-from service.cli_backend import BackendError, LockInfo, Target
+from service.cli_backend import Target
+from service.cli_backend_rules import (
+    LOCK_BODY_MAX,
+    LOCK_ID_MAX,
+    BackendError,
+    LockInfo,
+    parse_lock_info,
+)
 from service.runners.statecheck import state_shape_problem
 from service.services import Services
 from service.validation import WORKSPACE_NAME, WORKSPACE_REF
@@ -215,15 +222,15 @@ async def _target(services: Services, principal: Principal, ref: str, *, create:
 def _lock_id(value: str | None) -> str:
     if value is None:
         return ""
-    if len(value) > cli_backend.LOCK_ID_MAX or not value.isprintable():
-        raise Malformed(f"ID is 1-{cli_backend.LOCK_ID_MAX} printable characters")
+    if len(value) > LOCK_ID_MAX or not value.isprintable():
+        raise Malformed(f"ID is 1-{LOCK_ID_MAX} printable characters")
     return value.strip()
 
 
 async def _lock_info(request: Request[Any, Any, Any]) -> LockInfo | None:
-    body = await read_body(request, cli_backend.LOCK_BODY_MAX)
+    body = await read_body(request, LOCK_BODY_MAX)
     check_md5(request, body)
-    return cli_backend.parse_lock_info(body)
+    return parse_lock_info(body)
 
 
 # ---------------------------------------------------------------- the routes
