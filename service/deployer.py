@@ -504,6 +504,20 @@ class Deployer:
         content = result.state
         plan_run = planning.makes_plan(request.steps)
         base: int | None = None
+        if plan_run and slot is not None and content != request.state:
+            # terraform plan writes no state: a changed terraform.tfstate is the configuration's
+            # own code (a provider, an external data source) at work. Taking it would let a plan
+            # -- a speculative one, or one nobody approved yet -- write the workspace's state,
+            # and a state that is never a persisted version would make every attempt persist it
+            # and plan again, without end. A run watched from its start keeps the state it was
+            # given (the latest version, or one the runner adopted); only a recovered run, whose
+            # start is not known here, is judged by what it left.
+            await writer.line(
+                "system",
+                "terraform.tfstate changed during the plan (not by terraform): ignored; the "
+                "plan run keeps the state it started from",
+            )
+            content = request.state
         if plan_run:
             # A plan run leaves the state it started from (terraform plan writes none): it is
             # persisted only if it is not a persisted version already (a state the Docker runner

@@ -1,0 +1,76 @@
+"""Attacks on tfdeploy as a hostile user would make them: each test names the finding it
+demonstrates (docs: the report of the `attack` branch). Real PostgreSQL, the real app over HTTPX,
+real workers with the local runner in bubblewrap."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from test_execution import harness
+
+pytestmark = pytest.mark.skipif(
+    not shutil.which("terraform") or not shutil.which("bwrap"), reason="needs terraform and bwrap"
+)
+
+REAL_TERRAFORM = shutil.which("terraform") or "/usr/local/bin/terraform"
+
+
+def hostile_terraform(tmp_path: Path, on_plan: str) -> str:
+    """A stand-in for a provider that runs code at plan time (hashicorp/external, or any provider
+    a user publishes on the registry): a wrapper around the real terraform that runs ``on_plan``
+    (shell, in terraform's working directory, inside the sandbox) before ``terraform plan``."""
+    path = tmp_path / "terraform-with-plan-time-code"
+    path.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = plan ]; then {on_plan}\nfi\n'
+        f'exec {REAL_TERRAFORM} "$@"\n'
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH)
+    return str(path)
+
+
+async def state_versions(h) -> list[dict]:
+    r = await h.client.get("/workspaces/site/states")
+    return r.json()["items"] if r.status_code == 200 else []
+
+
+ONE = 'resource "terraform_data" "a" { input = "a" }\n'
+
+# A fresh tfstate on every plan: a new serial each time, so never a persisted version.
+REWRITE_STATE = (
+    "printf '{\"version\":4,\"terraform_version\":\"1.11.4\",\"serial\":%s,\"lineage\":\"planted\","
+    "\"outputs\":{},\"resources\":[]}' \"$(date +%s%N | cut -c1-15)\" > terraform.tfstate"
+)
+
+
+# FINDING 1: a plan run's state file is persisted when the run changed it, and the attempt is
+# retried without counting it (plan_stale, counted=False, budget +1): a configuration that
+# rewrites terraform.tfstate at plan time makes a speculative plan ("never changes state")
+# write a new state version on every attempt, forever -- the deploy never ends, holds a runner
+# slot in a loop and fills the state store.
+async def test_speculative_plan_neither_writes_state_nor_loops(database_url, tmp_path, runner_image, monkeypatch):
+    monkeypatch.setenv("TFDEPLOY_TERRAFORM", hostile_terraform(tmp_path, REWRITE_STATE))
+    async with harness(database_url, tmp_path, "local", runner_image, max_attempts=2) as h:
+        first = await h.submit({"main.tf": ONE}, workspace="site")
+        assert (await h.wait(first["id"]))["status"] == "succeeded"
+        before = await state_versions(h)
+        assert len(before) == 1
+        plan = await h.submit({"main.tf": ONE}, workspace="site", action="plan")
+        deadline = time.monotonic() + 45
+        status = None
+        while time.monotonic() < deadline:
+            status = (await h.client.get(f"/deploys/{plan['id']}")).json()
+            if status["status"] in ("succeeded", "failed"):
+                break
+            await asyncio.sleep(0.2)
+        after = await state_versions(h)
+        assert status is not None and status["status"] in ("succeeded", "failed"), (
+            f"the speculative plan never ends: attempt {status and status['attempt']}, "
+            f"{len(after)} state versions"
+        )
+        assert len(after) == len(before), "a speculative plan wrote state versions"
