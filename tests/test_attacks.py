@@ -74,3 +74,33 @@ async def test_speculative_plan_neither_writes_state_nor_loops(database_url, tmp
             f"{len(after)} state versions"
         )
         assert len(after) == len(before), "a speculative plan wrote state versions"
+
+
+# FINDING 2: the local runner reads what a run left (terraform.tfstate, .terraform.lock.hcl in
+# config/) with O_NOFOLLOW on the last component only. The run owns config/ and may swap it for
+# a symlink: the WORKER then follows it on the host, outside the sandbox, and keeps whatever
+# regular file named terraform.tfstate it finds there as the attacker's state -- readable back
+# through GET /workspaces/{ref}/state. /proc/<pid>/cwd of another run's terraform leads into that
+# run's config directory (another user's state); here a host directory stands for it.
+async def test_a_run_cannot_make_the_worker_read_host_files_through_its_config_dir(
+    database_url, tmp_path, runner_image
+):
+    elsewhere = tmp_path / "host-only"  # not in the sandbox's view
+    elsewhere.mkdir()
+    (elsewhere / "terraform.tfstate").write_text(
+        '{"version":4,"terraform_version":"1.11.4","serial":7,"lineage":"victim",'
+        '"outputs":{"db_password":{"value":"VICTIM-SECRET-42","type":"string"}},"resources":[]}'
+    )
+    swap = f"cd .. && mv config config.real && ln -s {elsewhere} config && echo swapped"
+    config = (
+        'resource "terraform_data" "swap" {\n'
+        f'  provisioner "local-exec" {{ command = "{swap}" }}\n'
+        "}\n"
+    )
+    async with harness(database_url, tmp_path, "local", runner_image, max_attempts=1) as h:
+        d = await h.submit({"main.tf": config}, workspace="loot")
+        done = await h.wait(d["id"])
+        logs = await h.logs(d["id"])
+        assert "swapped" in logs, logs
+        state = await h.client.get("/workspaces/loot/state")
+        assert "VICTIM-SECRET-42" not in state.text, (done, state.text)

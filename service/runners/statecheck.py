@@ -66,19 +66,48 @@ class ArtifactProblem(Exception):
     """An artifact that failed the file checks (not there is not a problem: None)."""
 
 
-def read_local_artifact(path: str | os.PathLike[str], limit: int) -> bytes | None:
-    """Read a file the run left, refusing links (``O_NOFOLLOW``), anything but a regular file
-    (checked on the opened descriptor, so nothing can be swapped in between), hard links to
-    elsewhere, and sizes over ``limit`` (checked before reading). None if there is no file;
-    ArtifactProblem says why it was refused."""
+def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str], flags: int) -> int:
+    """Open ``path``, which lies under the directory ``root``, following no symbolic link on
+    the way from ``root``: every directory between them is opened ``O_NOFOLLOW | O_DIRECTORY``
+    relative to the one before. The run owns the directories under its root and may have put a
+    link anywhere on that way (``config`` -> a host directory): ``O_NOFOLLOW`` on the last
+    component alone would let the worker follow it, outside the sandbox. ``root`` itself is
+    trusted (the worker made it). OSError as os.open raises it (ELOOP or ENOTDIR for a link)."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    parts = relative.split(os.sep)
+    if relative.startswith("..") or os.path.isabs(relative) or "" in parts or ".." in parts:
+        raise ValueError(f"{path} is not under {root}")
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    current = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        # O_NONBLOCK: a FIFO put in its place must not block the open.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        for part in parts[:-1]:
+            if part == ".":
+                continue
+            following = os.open(part, dir_flags, dir_fd=current)
+            os.close(current)
+            current = following
+        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=current)
+    finally:
+        os.close(current)
+
+
+def read_local_artifact(
+    path: str | os.PathLike[str], limit: int, *, root: str | os.PathLike[str] | None = None
+) -> bytes | None:
+    """Read a file the run left, refusing links (``O_NOFOLLOW``; with ``root``, the run's own
+    directory, on every component beneath it: :func:`open_beneath`), anything but a regular
+    file (checked on the opened descriptor, so nothing can be swapped in between), hard links
+    to elsewhere, and sizes over ``limit`` (checked before reading). None if there is no file;
+    ArtifactProblem says why it was refused."""
+    # O_NONBLOCK: a FIFO put in its place must not block the open.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = open_beneath(root, path, flags) if root is not None else os.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ArtifactProblem("it is a symbolic link") from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ArtifactProblem("it, or a directory on its way, is a symbolic link") from None
         raise ArtifactProblem(f"it cannot be opened: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
