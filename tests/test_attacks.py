@@ -104,3 +104,30 @@ async def test_a_run_cannot_make_the_worker_read_host_files_through_its_config_d
         assert "swapped" in logs, logs
         state = await h.client.get("/workspaces/loot/state")
         assert "VICTIM-SECRET-42" not in state.text, (done, state.text)
+
+
+# FINDING 3: the service role may INSERT into events with OVERRIDING SYSTEM VALUE, choosing the
+# global position: an event slipped in BEFORE what readers have seen (a position in a gap left by
+# a rolled-back append, or below every position: 0, -1). Followers of the global feed
+# ("position > N": GET /events/stream, `tfdeploy events --follow`) never receive it, and the
+# audit query shows it in the past: history rewritten without an UPDATE. (Threat model: a
+# compromised service "cannot rewrite or erase history".)
+def test_the_service_role_cannot_put_an_event_before_the_ones_already_appended(database_url):
+    import uuid
+
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO events (deploy_id, version, type, data, actor) "
+            "VALUES (%s, 1, 'Requested', '{}', 'user:ann')",
+            (str(uuid.uuid4()),),
+        )
+        with pytest.raises(psycopg.Error):
+            conn.execute(
+                "INSERT INTO events (position, deploy_id, version, type, data, actor) "
+                "OVERRIDING SYSTEM VALUE VALUES (-1, %s, 1, 'Requested', '{}', 'user:mallory')",
+                (str(uuid.uuid4()),),
+            )
+        first = conn.execute("SELECT min(position), count(*) FROM events").fetchone()
+        assert first is not None and first[0] >= 1, first
