@@ -131,3 +131,30 @@ def test_the_service_role_cannot_put_an_event_before_the_ones_already_appended(d
             )
         first = conn.execute("SELECT min(position), count(*) FROM events").fetchone()
         assert first is not None and first[0] >= 1, first
+
+
+# FINDING 4: a `deploy` member's terraform lock outlives their membership. Only admins may
+# force-unlock, and the holder can unlock only while they may still deploy: once the owner
+# removes (or demotes to `read`) a member who holds the lock -- a killed terraform, or on
+# purpose -- the owner's workspace stays locked, its deploys queued, until an admin steps in.
+@pytest.mark.parametrize("change", ["remove", "demote"])
+async def test_a_removed_member_does_not_keep_the_owners_workspace_locked(client, tokens, change):
+    from test_tfstate import Cli, tfstate
+
+    ann, bob = Cli(client, tokens["ann"]), Cli(client, tokens["bob"])
+    auth = {"Authorization": f"Bearer {tokens['ann']}"}
+    assert (await ann.put("prod", tfstate(1))).status_code == 200
+    r = await client.put("/workspaces/prod/members/bob", json={"role": "deploy"}, headers=auth)
+    assert r.status_code == 201, r.text
+    assert (await bob.lock("ann:prod", "bobs-lock")).status_code == 200
+    if change == "remove":
+        r = await client.delete("/workspaces/prod/members/bob", headers=auth)
+        assert r.status_code == 204, r.text
+    else:
+        r = await client.put("/workspaces/prod/members/bob", json={"role": "read"}, headers=auth)
+        assert r.status_code == 200, r.text
+    # bob can no longer unlock it himself ...
+    assert (await bob.unlock("ann:prod", "bobs-lock")).status_code in (403, 404)
+    # ... so the owner must not be left locked out of her own workspace.
+    r = await ann.lock("prod", "anns-lock")
+    assert r.status_code == 200, r.text
