@@ -5,6 +5,7 @@ real workers with the local runner in bubblewrap."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import stat
 import time
@@ -158,3 +159,57 @@ async def test_a_removed_member_does_not_keep_the_owners_workspace_locked(client
     # ... so the owner must not be left locked out of her own workspace.
     r = await ann.lock("prod", "anns-lock")
     assert r.status_code == 200, r.text
+
+
+# FINDING 5 (left for the lead: docs/workspaces.md says membership decides who may see and act,
+# "not what runs"): a deploy a `deploy` member queued still runs after the owner removed them --
+# its first attempt, or any retry, however much later -- against the workspace's state of THEN,
+# and its requester still reads its logs (their own history). A removed member keeps reading
+# the workspace's future state for as long as a deploy of theirs waits (behind a lock, a long
+# deploy, its retries' growing delays).
+@pytest.mark.xfail(
+    strict=True,
+    reason="policy: a queued deploy whose requester may no longer deploy to its workspace still "
+    "runs (fix: check the requester's standing when an attempt starts, fail it with a reason "
+    "such as access_revoked)",
+)
+async def test_a_removed_members_queued_deploy_does_not_run(database_url, tmp_path, runner_image):
+    import httpx
+    from test_tfstate import Cli
+
+    from service.auth import create_token
+
+    async with harness(database_url, tmp_path, "local", runner_image, max_attempts=1) as h:
+        async with h.services.pool.connection() as conn:
+            bob_token = await create_token(conn, "bob")
+        bob = httpx.AsyncClient(
+            transport=h.client._transport,
+            base_url="http://test",
+            headers={"Authorization": f"Bearer {bob_token}"},
+        )
+        first = await h.submit({"main.tf": ONE}, workspace="prod")
+        assert (await h.wait(first["id"]))["status"] == "succeeded"
+        r = await h.client.put("/workspaces/prod/members/bob", json={"role": "deploy"})
+        assert r.status_code == 201
+        ann_cli = Cli(h.client, h.token)
+        assert (await ann_cli.lock("prod", "ann-lock")).status_code == 200
+        steal = (
+            'resource "terraform_data" "steal" {\n'
+            '  provisioner "local-exec" { command = "cat terraform.tfstate" }\n'
+            "}\n"
+        )
+        r = await bob.post("/deploys", json={"files": {"main.tf": steal}, "workspace": "ann:prod"})
+        assert r.status_code == 202, r.text
+        queued = r.json()
+        assert (await h.client.delete("/workspaces/prod/members/bob")).status_code == 204
+        # The owner changes her infrastructure with her terraform, then releases the lock.
+        state = json.loads((await ann_cli.get("prod")).content)
+        state["serial"] += 1
+        state["outputs"] = {"db": {"value": "OWNERS-NEXT-SECRET", "type": "string"}}
+        written = await ann_cli.put("prod", json.dumps(state).encode(), lock_id="ann-lock")
+        assert written.status_code == 200, written.text
+        assert (await ann_cli.unlock("prod", "ann-lock")).status_code == 200
+        await h.wait(queued["id"])
+        logs = (await bob.get(f"/deploys/{queued['id']}/logs")).text
+        await bob.aclose()
+        assert "OWNERS-NEXT-SECRET" not in logs
