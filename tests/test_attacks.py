@@ -213,3 +213,49 @@ async def test_a_removed_members_queued_deploy_does_not_run(database_url, tmp_pa
         logs = (await bob.get(f"/deploys/{queued['id']}/logs")).text
         await bob.aclose()
         assert "OWNERS-NEXT-SECRET" not in logs
+
+
+# FINDING 6: a tfstate is bounded in bytes (TFDEPLOY_MAX_STATE_BYTES, 64 MiB), not in what it
+# costs to parse. A state of millions of tiny values (`"instances": [{},{},...]`, an output of
+# `[[],[],...]`) -- written by the attacker's own terraform CLI or left by their own deploy --
+# took, for a 64 MiB state: 3.7 GB and 12 s of CPU per GET /workspaces/{ref}/resources,
+# 1.6 GB per GET .../outputs, 1.6 GB per CLI write (state_meta) and 1.5 GB per shape check (every
+# CLI write, every run's state). A handful of GETs at once (50 requests/s allowed) takes the
+# API process -- every user's -- down by memory.
+PARSE_PROBE = r'''
+import resource, sys
+from service.api.workspaces import LIST_MAX, outputs_of, resources_of
+from service.runners.statecheck import state_shape_problem
+from service.statestores.index import state_meta
+import msgspec
+size = int(sys.argv[2])
+n = size // 3
+head = b'{"version":4,"terraform_version":"1.11.4","serial":1,"lineage":"x",'
+if sys.argv[1] in ("resources", "shape"):
+    content = head + b'"outputs":{},"resources":[{"type":"t","name":"n","instances":[' + (b"{}," * n)[:-1] + b"]}]}"
+else:
+    content = head + b'"outputs":{"o":{"type":"x","value":[' + (b"[]," * n)[:-1] + b"]}},\"resources\":[]}"
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn = {"resources": lambda c: resources_of(c, LIST_MAX + 1), "outputs": outputs_of, "shape": state_shape_problem, "meta": state_meta}[sys.argv[1]]
+result = fn(content)
+if sys.argv[1] in ("resources", "outputs"):
+    msgspec.json.encode(result)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+'''
+
+
+@pytest.mark.parametrize(("what", "factor"), [("shape", 2), ("meta", 2), ("outputs", 3), ("resources", 16)])
+def test_parsing_a_pathological_state_costs_a_bounded_multiple_of_its_size(what, factor, tmp_path):
+    import subprocess
+    import sys
+
+    size = 16 * 2**20
+    probe = tmp_path / "probe.py"
+    probe.write_text(PARSE_PROBE)
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, str(probe), what, str(size)], capture_output=True, text=True, cwd=root, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    grew = int(out.stdout.split()[-1])
+    assert grew <= factor * size, f"{what}: {grew / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB state"

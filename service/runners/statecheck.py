@@ -23,23 +23,29 @@ _Int = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 _Lineage = Annotated[str, msgspec.Meta(max_length=256)]
 
 
-class _Resource(msgspec.Struct):
-    """A resource entry: its identity; instances and attributes are skipped (Raw)."""
+_NO_INSTANCES = msgspec.Raw(b"[]")
+_NO_OUTPUTS = msgspec.Raw(b"{}")
+
+
+class _Resource(msgspec.Struct, gc=False):
+    """A resource entry: its identity; its instances are skipped whole (one Raw: a state of
+    millions of tiny instances must not become millions of objects)."""
 
     type: str
     name: str
     mode: str = "managed"
-    instances: list[msgspec.Raw] = []
+    instances: msgspec.Raw = _NO_INSTANCES
 
 
-class _TfState(msgspec.Struct):
-    """The top of a tfstate (format version 4, what terraform 0.12 and later write)."""
+class _TfState(msgspec.Struct, gc=False):
+    """The top of a tfstate (format version 4, what terraform 0.12 and later write). Outputs
+    and instances stay Raw: the check costs about the state's size, whatever it holds."""
 
     version: Annotated[int, msgspec.Meta(ge=4, le=4)]
     serial: _Int
     lineage: _Lineage
     terraform_version: str = ""
-    outputs: dict[str, msgspec.Raw] = {}
+    outputs: msgspec.Raw = _NO_OUTPUTS
     resources: list[_Resource] = []
     check_results: msgspec.Raw | None = None
 
@@ -52,7 +58,12 @@ def state_shape_problem(content: bytes) -> str | None:
     if not content.strip():
         return "the state file is empty"
     try:
-        _DECODER.decode(content)
+        state = _DECODER.decode(content)
+        if bytes(memoryview(state.outputs)[:1]) != b"{":
+            return "not a tfstate: Expected `object`, got another type - at `$.outputs`"
+        for i, resource in enumerate(state.resources):
+            if bytes(memoryview(resource.instances)[:1]) != b"[":
+                return f"not a tfstate: Expected `array`, got another type - at `$.resources[{i}].instances`"
     except RecursionError:
         return "the state is nested too deeply"
     except msgspec.ValidationError as exc:
