@@ -259,3 +259,27 @@ def test_parsing_a_pathological_state_costs_a_bounded_multiple_of_its_size(what,
     assert out.returncode == 0, out.stderr
     grew = int(out.stdout.split()[-1])
     assert grew <= factor * size, f"{what}: {grew / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB state"
+
+
+# FINDING 7: the local runner's sandbox has no resource limits at all (the Docker runner has
+# TFDEPLOY_RUNNER_PIDS / _MEMORY / _CPUS): a configuration's fork bomb runs out the host's
+# processes -- PostgreSQL, the API, every other user's runs -- and its memory hog meets only the
+# host's OOM killer. Shown here with a bounded number of sleeping processes.
+async def test_the_local_sandbox_bounds_how_many_processes_a_run_may_start(tmp_path):
+    from test_runners import make_settings, run_tf
+
+    from service.runners.local import LocalRunner
+
+    # One run at a time: the user's cap is runner_pids x max_concurrency (the sandbox user's, host-wide).
+    runner = LocalRunner(make_settings(tmp_path, runner_pids=64, max_concurrency=1))
+    spawn = (
+        "i=0; while [ $i -lt 300 ]; do sleep 20 & i=$((i+1)); done; "
+        "echo PROCESSES $(ls /proc | grep -c '^[0-9]')"
+    )
+    config = f'resource "terraform_data" "bomb" {{\n  provisioner "local-exec" {{ command = "{spawn}" }}\n}}\n'
+    run = await run_tf(runner, config)
+    import re
+
+    counts = [int(m.group(1)) for m in re.finditer(r"PROCESSES (\d+)$", run.text, re.M)]
+    # Bounded: the shell's fork fails ("Cannot fork") before the 300th process.
+    assert "Cannot fork" in run.text or (counts and counts[0] <= 64), (counts, run.text[-2000:])
