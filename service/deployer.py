@@ -556,7 +556,7 @@ class Deployer:
         if result.interrupted and not handed_over:
             command: Any = AttemptInterrupted(state=persisted)
         elif ok and plan_run:
-            command = await self._plan_outcome(deploy_id, request, result, base, persisted)
+            command = await self._plan_outcome(deploy_id, request, result, base, persisted, masker)
         elif ok and persisted is not None:
             command = AttemptSucceeded(state=persisted)
         else:
@@ -587,6 +587,7 @@ class Deployer:
         result: RunResult,
         base: int | None,
         persisted: PersistedState | None,
+        masker: Masker,
     ) -> PlanMade | AttemptFailed:
         """A plan run that ended well: its changes (``planning.read_plan``, no values), the
         plan file sealed into ``saved_plans`` FIRST when it may be applied (not for a
@@ -642,9 +643,15 @@ class Deployer:
                     )
 
             plan_id, sha = await self._db_retrying(f"keeping the plan of {deploy_id}", keep)
+        # An address may carry a secret (an instance key of for_each over it): masked like the
+        # log, the same way in every attempt, so plans of one deploy still compare.
+        changes = [
+            msgspec.structs.replace(c, address=masker.mask(c.address)) if masker else c
+            for c in reading.changes
+        ]
         return PlanMade(
             summary=reading.summary,
-            changes=reading.changes,
+            changes=changes,
             changed=reading.changed,
             plan_sha256=sha,
             plan_id=plan_id,
@@ -784,6 +791,8 @@ class Deployer:
             message = "" if destroyed else (outcome.error or f"destroy exited with {outcome.exit_code}")
         except RunnerError as exc:
             message = f"destroy could not run: {exc}"
+        # terraform's error text may hold a secret (a destroy-time provisioner's output).
+        message = writer.masker.mask(message)
         rescue_location, rescue_sha = None, ""
         if not destroyed:
             rescue_sha = _sha(state)

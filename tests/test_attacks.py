@@ -283,3 +283,30 @@ async def test_the_local_sandbox_bounds_how_many_processes_a_run_may_start(tmp_p
     counts = [int(m.group(1)) for m in re.finditer(r"PROCESSES (\d+)$", run.text, re.M)]
     # Bounded: the shell's fork fails ("Cannot fork") before the 300th process.
     assert "Cannot fork" in run.text or (counts and counts[0] <= 64), (counts, run.text[-2000:])
+
+
+# FINDING 8: secrets are masked in logs and failure messages, but not in a plan's addresses: a
+# secret that names a resource instance (for_each over it, a count key...) is kept in clear in
+# the Planned event -- GET /deploys/{id}/plan, /events, the SSE streams, the audit trail, for
+# every reader of the workspace -- though "secrets never appear in events".
+async def test_a_secret_never_appears_in_a_plans_addresses(database_url, tmp_path, runner_image):
+    config = (
+        'variable "token" {}\n'
+        'resource "terraform_data" "per_token" {\n'
+        "  for_each = toset([var.token])\n"
+        "  input    = each.key\n"
+        "}\n"
+    )
+    async with harness(database_url, tmp_path, "local", runner_image) as h:
+        d = await h.submit(
+            {"main.tf": config}, workspace="site", action="plan", secrets={"token": "TOPSECRET-77"}
+        )
+        done = await h.wait(d["id"])
+        assert done["status"] == "succeeded", done
+        plan = (await h.client.get(f"/deploys/{d['id']}/plan")).text
+        events = (await h.client.get(f"/deploys/{d['id']}/events")).text
+        logs = await h.logs(d["id"])
+        assert "TOPSECRET-77" not in logs
+        assert "per_token" in plan, plan
+        assert "TOPSECRET-77" not in plan, plan
+        assert "TOPSECRET-77" not in events
