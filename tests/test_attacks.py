@@ -383,3 +383,25 @@ async def test_a_deploy_member_cannot_run_code_with_the_owners_secrets(database_
             except ValueError:
                 continue
         assert "ANN-CLOUD-KEY-123" not in decoded, decoded
+
+
+# FINDING 10: a cache fill clears "its" stale staging directories by the glob `<key>-*`, where
+# the key is host__namespace__type: hashicorp/google's fill (any user can make one happen, with
+# a new constraint each time) removes the staging directory of a fill of hashicorp/google-beta
+# in progress, under another provider's lock -- that fill fails, is remembered as failed for
+# 60 s, and the deploys waiting for it go on without the cache.
+def test_a_fill_never_clears_another_providers_staging(tmp_path):
+    from service.providers.cache import ProviderCache
+    from service.providers.cliconfig import Method
+    from service.providers.requirements import Provider
+
+    cache = ProviderCache(
+        tmp_path / "cache", terraform="/bin/true", platform="linux_amd64",
+        methods=[Method("direct")], environ={},
+    )
+    beta = Provider("registry.terraform.io", "hashicorp", "google-beta")
+    google = Provider("registry.terraform.io", "hashicorp", "google")
+    in_progress = cache._stage(beta, "6.0.0", (), None)  # a fill of google-beta, running
+    mine = cache._stage(google, "6.0.0", (), None)  # then google's starts
+    assert mine.exists()
+    assert in_progress.exists(), "google's fill removed google-beta's staging directory"
