@@ -405,3 +405,36 @@ def test_a_fill_never_clears_another_providers_staging(tmp_path):
     mine = cache._stage(google, "6.0.0", (), None)  # then google's starts
     assert mine.exists()
     assert in_progress.exists(), "google's fill removed google-beta's staging directory"
+
+
+# HELD UP: another user's workspace through any spelling of its ref, on every workspace route
+# and the http backend (Bearer and Basic), is the same 404 as a name nobody has.
+REFS = [
+    "ann:prod", "ann%3Aprod", "ANN:prod", "ann:PROD", "Ann:prod", " ann:prod", "ann:prod ",
+    "ann:prod%00", "ann%00:prod", "%D0%B0nn:prod", "ann::prod", ":prod", "ann:", "..%2Fann:prod",
+    "ann%2Fprod", "root:..%2Fann%3Aprod", "ann:prod%2F..", "ann:pro%64",
+]
+
+
+async def test_another_users_workspace_is_404_under_every_spelling(client, tokens):
+    from test_tfstate import Cli, basic, tfstate
+
+    ann = Cli(client, tokens["ann"])
+    assert (await ann.put("prod", tfstate(1))).status_code == 200
+    bob = {"Authorization": f"Bearer {tokens['bob']}"}
+    for ref in REFS:
+        for path in ("state", "states", "states/1", "outputs", "resources", "members", "tfstate"):
+            r = await client.get(f"/workspaces/{ref}/{path}", headers=bob)
+            assert r.status_code == 404, (ref, path, r.status_code, r.text)
+            assert "prod" not in r.text.replace(ref, ""), (ref, path, r.text)
+        r = await client.get(f"/workspaces/{ref}/tfstate", headers=basic(tokens["bob"]))
+        assert r.status_code == 404, (ref, r.status_code)
+        r = await client.request("LOCK", f"/workspaces/{ref}/tfstate/lock", headers=bob, content=b'{"ID":"x"}')
+        assert r.status_code in (400, 404, 405), (ref, r.status_code, r.text)
+        r = await client.get("/deploys", params={"workspace": ref.replace("%3A", ":")}, headers=bob)
+        assert r.status_code in (404, 422), (ref, r.status_code)
+        r = await client.get("/events", params={"workspace": ref.replace("%3A", ":")}, headers=bob)
+        assert r.status_code in (404, 422), (ref, r.status_code)
+    # and bob's own deploy to "ann:prod" neither reaches ann's nor makes one for him
+    r = await client.post("/deploys", headers=bob, json={"workspace": "ann:prod", "files": {"main.tf": ONE}})
+    assert r.status_code == 404, r.text
