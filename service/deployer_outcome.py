@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any
 
+import msgspec
 import psycopg
 import psycopg_pool
 
@@ -34,7 +35,7 @@ from service.lifecycle import (
     PlanMade,
 )
 from service.runners.base import Runner, RunRequest, RunResult, Slot
-from service.secrets import SecretBox
+from service.secrets import Masker, SecretBox
 from service.settings import Settings
 from service.statestores import index, put_with_retries
 from service.statestores.base import StateStore, StateStoreError
@@ -107,6 +108,20 @@ class Outcomes:
         content = result.state
         plan_run = planning.makes_plan(request.steps)
         base: int | None = None
+        if plan_run and slot is not None and content != request.state:
+            # terraform plan writes no state: a changed terraform.tfstate is the configuration's
+            # own code (a provider, an external data source) at work. Taking it would let a plan
+            # -- a speculative one, or one nobody approved yet -- write the workspace's state,
+            # and a state that is never a persisted version would make every attempt persist it
+            # and plan again, without end. A run watched from its start keeps the state it was
+            # given (the latest version, or one the runner adopted); only a recovered run, whose
+            # start is not known here, is judged by what it left.
+            await writer.line(
+                "system",
+                "terraform.tfstate changed during the plan (not by terraform): ignored; the "
+                "plan run keeps the state it started from",
+            )
+            content = request.state
         if plan_run:
             # A plan run leaves the state it started from (terraform plan writes none): it is
             # persisted only if it is not a persisted version already (a state the Docker runner
@@ -145,7 +160,7 @@ class Outcomes:
         if result.interrupted and not handed_over:
             command: Any = AttemptInterrupted(state=persisted)
         elif ok and plan_run:
-            command = await self._plan_outcome(deploy_id, request, result, base, persisted)
+            command = await self._plan_outcome(deploy_id, request, result, base, persisted, masker)
         elif ok and persisted is not None:
             command = AttemptSucceeded(state=persisted)
         else:
@@ -176,6 +191,7 @@ class Outcomes:
         result: RunResult,
         base: int | None,
         persisted: PersistedState | None,
+        masker: Masker,
     ) -> PlanMade | AttemptFailed:
         """A plan run that ended well: its changes (``planning.read_plan``, no values), the
         plan file sealed into ``saved_plans`` FIRST when it may be applied (not for a
@@ -231,9 +247,15 @@ class Outcomes:
                     )
 
             plan_id, sha = await self._db_retrying(f"keeping the plan of {deploy_id}", keep)
+        # An address may carry a secret (an instance key of for_each over it): masked like the
+        # log, the same way in every attempt, so plans of one deploy still compare.
+        changes = [
+            msgspec.structs.replace(c, address=masker.mask(c.address)) if masker else c
+            for c in reading.changes
+        ]
         return PlanMade(
             summary=reading.summary,
-            changes=reading.changes,
+            changes=changes,
             changed=reading.changed,
             plan_sha256=sha,
             plan_id=plan_id,

@@ -110,6 +110,8 @@ async def destroy_unkept(
         message = "" if destroyed else (outcome.error or f"destroy exited with {outcome.exit_code}")
     except RunnerError as exc:
         message = f"destroy could not run: {exc}"
+    # terraform's error text may hold a secret (a destroy-time provisioner's output).
+    message = writer.masker.mask(message)
     rescue_location, rescue_sha = None, ""
     if not destroyed:
         rescue_sha = _sha(state)

@@ -258,7 +258,9 @@ class StateForceUnlocked(_Event, frozen=True, kw_only=True, tag="StateForceUnloc
     lock_id: str  # the lock that was removed
     holder: str  # the user who held it
     held_since: str = ""  # when it was taken (ISO 8601)
-    via: str = "cli"  # "cli" (UNLOCK with an empty body) | "shell" (tfdeploy workspace unlock)
+    # "cli" (UNLOCK with an empty body) | "shell" (tfdeploy workspace unlock) | "membership"
+    # (the holder was removed from the workspace, or may no longer deploy to it)
+    via: str = "cli"
 
 
 class StateWritten(_Event, frozen=True, kw_only=True, tag="StateWritten"):

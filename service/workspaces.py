@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
@@ -30,7 +30,9 @@ from service.events import (
     MemberSet,
     Requested,
     StateDownloaded,
+    StateForceUnlocked,
     WorkspaceCreated,
+    WorkspaceEvent,
 )
 from service.projection import StoredEvent
 from service.queries import q
@@ -189,15 +191,44 @@ async def _change_members(
                 else:
                     write = ("set_member", {"workspace_id": workspace.id, "user": user, "role": role})
                     event = MemberSet(user=user, role=role, previous=current or "")
-                append = store.workspace_append(workspace.id, version, [event], actor)
+                writes = [write]
+                events: list[WorkspaceEvent] = [event]
+                if role != "deploy":
+                    # A member who may no longer deploy may no longer hold the workspace either:
+                    # their terraform's lock goes with the right (they could not unlock it any
+                    # more, and only an admin could force it): recorded as forced, in this
+                    # transaction, and queued deploys wake.
+                    released = await _held_by(conn, workspace.id, user)
+                    if released is not None:
+                        writes += [
+                            ("tfstate_delete_lock", {"workspace_id": workspace.id, "lock_id": released[0]}),
+                            ("tfstate_notify_dispatch", {}),
+                        ]
+                        events.append(
+                            StateForceUnlocked(
+                                lock_id=released[0], holder=user, held_since=released[1], via="membership"
+                            )
+                        )
+                append = store.workspace_append(workspace.id, version, events, actor)
                 try:
-                    await store.commit_writes(conn, [write, append])
+                    await store.commit_writes(conn, [*writes, append])
                 except psycopg.Error as exc:
                     raise store.version_conflict(exc, workspace.id, version) or exc from None
                 return current, True
         except store.VersionConflict:
             continue
     raise store.VersionConflict(workspace.id, -1, -1)
+
+
+async def _held_by(conn: Conn, workspace_id: str, user: str) -> tuple[str, str] | None:
+    """(lock id, held since) of the terraform CLI's lock on the workspace if ``user`` holds it,
+    read under the claim's lock (service.cli_backend: the claim lock, then the append lock)."""
+    await conn.execute(q("tfstate_claim_lock"))
+    rows = await _rows(conn, "tfstate_cli_lock", {"workspace_id": workspace_id})
+    if not rows or rows[0]["holder"] != user:
+        return None
+    since = rows[0]["created_at"].astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(rows[0]["lock_id"]), since
 
 
 async def set_member(pool: Any, workspace: Workspace, user: str, role: Role, actor: str) -> tuple[str | None, bool]:

@@ -73,7 +73,7 @@ def test_the_service_role_only_reads_and_appends_events(database_url, owner_data
         triggers = conn.execute(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass AND tgenabled = 'O'"
         ).fetchone()
-        assert triggers == (4,)  # append-only (2), the SSE notify, the dispatch notify
+        assert triggers == (5,)  # append-only (2), generated positions, the SSE notify, the dispatch notify
 
 
 def test_the_service_role_owns_nothing_and_has_no_power(database_url):

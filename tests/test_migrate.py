@@ -53,7 +53,8 @@ def assert_schema(url: str) -> None:
             )
         }
         assert triggers == {
-            "events_no_update_delete", "events_no_truncate", "events_notify", "events_dispatch_notify"
+            "events_no_update_delete", "events_no_truncate", "events_notify", "events_dispatch_notify",
+            "events_position_generated",
         }
         # every table created once: no duplicate or leftover objects from a second run
         n = conn.execute("SELECT count(*) FROM pg_class WHERE relname = 'events' AND relkind = 'r'")

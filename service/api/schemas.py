@@ -257,6 +257,8 @@ class ResourceOut(msgspec.Struct, frozen=True, kw_only=True):
 
 class ResourceList(msgspec.Struct, frozen=True, kw_only=True):
     items: list[ResourceOut]
+    # True when the state holds more instances than are listed (100,000): read the state.
+    truncated: bool = False
 
 
 class HealthOut(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,10 +10,10 @@ in the workspace's stream. State, versions, outputs and resources are answered w
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
+import msgspec
 from litestar import Controller, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
@@ -21,6 +21,7 @@ from litestar.params import Parameter
 from service.api import access
 from service.api.auth import SECURITY
 from service.api.errors import Malformed, check_limit, check_text
+from service.api.limits import validation_gate
 from service.api.schemas import (
     LatestDeploy,
     LatestState,
@@ -79,30 +80,88 @@ def _state_response(version: index.StateVersion, content: bytes) -> Response[byt
 # ---------------------------------------------------------------- outputs and resources (pure)
 
 
-def _document(content: bytes) -> dict[str, Any]:
+# A stored tfstate is bounded in bytes (TFDEPLOY_MAX_STATE_BYTES), not in how many values it
+# holds: it is read with msgspec into structs that keep what is not needed as Raw (never built),
+# an output's value stays Raw from the state to the response, and the small fields are decoded
+# only when they are small. A state of millions of tiny values costs about its own size here,
+# except for a resource's instances, which are listed (at most LIST_MAX of them).
+SMALL_FIELD = 4096  # a type, name, module, provider or index key longer than this is not one
+LIST_MAX = 100_000  # resource instances listed by GET .../resources
+
+
+_NULL = msgspec.Raw(b"null")  # a field the state does not hold (msgspec.Raw takes no None)
+
+
+class _Top(msgspec.Struct, gc=False):
+    outputs: msgspec.Raw = _NULL
+    resources: msgspec.Raw = _NULL
+
+
+class _Output(msgspec.Struct, gc=False):
+    value: msgspec.Raw = _NULL
+    type: msgspec.Raw = _NULL
+    sensitive: msgspec.Raw = _NULL
+
+
+class _Instance(msgspec.Struct, gc=False):
+    index_key: msgspec.Raw = _NULL
+
+
+class _Resource(msgspec.Struct, gc=False):
+    module: msgspec.Raw = _NULL
+    mode: msgspec.Raw = _NULL
+    type: msgspec.Raw = _NULL
+    name: msgspec.Raw = _NULL
+    provider: msgspec.Raw = _NULL
+    instances: msgspec.Raw = _NULL
+
+
+_TOP = msgspec.json.Decoder(_Top)
+_OUTPUTS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_OUTPUT = msgspec.json.Decoder(_Output)
+_RESOURCES = msgspec.json.Decoder(list[msgspec.Raw])
+_RESOURCE = msgspec.json.Decoder(_Resource)
+# An instance that is not an object (a garbage state) is listed without a key, as before.
+_INSTANCES = msgspec.json.Decoder(list[_Instance | None | bool | int | float | str])
+
+
+def _top(content: bytes) -> _Top:
     try:
-        doc = json.loads(content)
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict):
-        raise ValueError("the stored state is not a JSON object")
-    return doc
+        return _TOP.decode(content)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError included: not an object
+        raise ValueError("the stored state is not a JSON object") from None
+
+
+def _small(raw: msgspec.Raw) -> Any:
+    """A small JSON value of the state, decoded; None for a missing, big or odd one."""
+    if len(raw) > SMALL_FIELD:
+        return None
+    try:
+        return msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def outputs_of(content: bytes) -> dict[str, OutputOut]:
     """The root module's outputs of a tfstate: name -> value, type, sensitive. A sensitive
-    output's value is never given (null)."""
-    outputs = _document(content).get("outputs") or {}
+    output's value is never given (null). Values are passed on as the state holds them."""
+    raw = _top(content).outputs
     out: dict[str, OutputOut] = {}
-    if not isinstance(outputs, dict):
+    if raw is _NULL:
         return out
-    for name, output in sorted(outputs.items()):
-        if not isinstance(output, dict):
+    try:
+        outputs = _OUTPUTS.decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # not an object
+        return out
+    for name, entry in sorted(outputs.items()):
+        try:
+            output = _OUTPUT.decode(entry)
+        except (msgspec.DecodeError, RecursionError):  # not an object
             continue
-        sensitive = output.get("sensitive") is True
+        sensitive = _small(output.sensitive) is True
         out[name] = OutputOut(
-            value=None if sensitive else output.get("value"),
-            type=output.get("type"),
+            value=None if sensitive or output.value is _NULL else output.value,
+            type=None if output.type is _NULL else output.type,
             sensitive=sensitive,
         )
     return out
@@ -127,33 +186,45 @@ def _index(key: object) -> str:
     return f"[{json.dumps(key)}]"
 
 
-def resources_of(content: bytes) -> list[ResourceOut]:
+def resources_of(content: bytes, limit: int | None = None) -> list[ResourceOut]:
     """One item per resource instance of a tfstate (what ``terraform state list`` lists), with
-    no attribute values."""
-    resources = _document(content).get("resources") or []
+    no attribute values; at most ``limit`` of them."""
+    raw = _top(content).resources
     out: list[ResourceOut] = []
-    if not isinstance(resources, list):
+    if raw is _NULL:
         return out
-    for r in resources:
-        if not isinstance(r, dict):
+    try:
+        resources = _RESOURCES.decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # not a list
+        return out
+    for entry in resources:
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            r = _RESOURCE.decode(entry)
+        except (msgspec.DecodeError, RecursionError):  # not an object
             continue
-        module = r.get("module") or None
-        mode = str(r.get("mode") or "managed")
-        type_, name = str(r.get("type") or ""), str(r.get("name") or "")
+        module = _small(r.module) or None
+        mode = str(_small(r.mode) or "managed")
+        type_, name = str(_small(r.type) or ""), str(_small(r.name) or "")
         base = f"{'data.' if mode == 'data' else ''}{type_}.{name}"
         if module:
             base = f"{module}.{base}"
-        instances = r.get("instances") or [{}]
-        if not isinstance(instances, list):
-            instances = [{}]
-        for instance in instances:
-            key = instance.get("index_key") if isinstance(instance, dict) else None
+        provider = _provider(_small(r.provider))
+        try:
+            instances = _INSTANCES.decode(r.instances) if r.instances is not _NULL else [None]
+        except (msgspec.DecodeError, RecursionError):  # not a list of objects
+            instances = [None]
+        for instance in instances or [None]:
+            if limit is not None and len(out) >= limit:
+                break
+            key = _small(instance.index_key) if isinstance(instance, _Instance) else None
             out.append(
                 ResourceOut(
                     address=base + _index(key),
                     type=type_,
                     name=name,
-                    provider=_provider(r.get("provider")),
+                    provider=provider,
                     mode=mode,
                     module=str(module) if module else None,
                 )
@@ -334,8 +405,10 @@ class WorkspaceController(Controller):
     ) -> Response[OutputsOut]:
         ws = (await access.workspace(services, principal, name)).workspace
         _, content = await _latest_content(services, state_store, ws)
-        # A tfstate may be tens of MiB: parse it off the event loop.
-        outputs = await asyncio.to_thread(outputs_of, content)
+        # A tfstate may be tens of MiB: parsed off the event loop, on the bounded validation
+        # threads, one at a time per user (service.api.limits): a user's GETs of a huge state
+        # cannot hold more than one parse's memory of the process at once.
+        outputs = await validation_gate(services).run(principal.name, outputs_of, content)
         return Response(OutputsOut(outputs=outputs), headers=NO_STORE)
 
     @get(
@@ -348,5 +421,8 @@ class WorkspaceController(Controller):
     ) -> Response[ResourceList]:
         ws = (await access.workspace(services, principal, name)).workspace
         _, content = await _latest_content(services, state_store, ws)
-        items = await asyncio.to_thread(resources_of, content)
-        return Response(ResourceList(items=items), headers=NO_STORE)
+        items = await validation_gate(services).run(
+            principal.name, resources_of, content, LIST_MAX + 1
+        )
+        truncated = len(items) > LIST_MAX
+        return Response(ResourceList(items=items[:LIST_MAX], truncated=truncated), headers=NO_STORE)

@@ -285,9 +285,12 @@ class ProviderCache:
             methods = [Method("filesystem_mirror", str(self.providers_dir), (str(provider),)), *methods]
         staging_root = self.root / "staging"
         # Under the provider's lock, any staging dir of this provider is a dead fill's.
-        for stale in staging_root.glob(f"{_key(provider)}-*"):
+        # "=" is in no key (hostnames, namespaces and types hold none): the glob matches this
+        # provider's staging directories only, never those of one whose type merely starts
+        # like it (google / google-beta), whose fill may be running under its own lock.
+        for stale in staging_root.glob(f"{_key(provider)}=*"):
             shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{_key(provider)}-", dir=staging_root))
+        staging = Path(tempfile.mkdtemp(prefix=f"{_key(provider)}=", dir=staging_root))
         wanted = f"= {version}" if version is not None else ", ".join(sorted(set(constraints)))
         version_line = f'\n      version = "{wanted}"' if wanted else ""
         (staging / "main.tf").write_text(

@@ -19,6 +19,7 @@ from service.runners.docker_archive import read_artifacts, read_status
 from service.runners.output import OutputTail, StepRecord
 from service.runners.script import MARKER_PREFIX
 from service.runners.statecheck import state_shape_problem
+from service.statestores.index import state_meta
 
 
 def adopt_leftovers_sync(
@@ -139,8 +140,9 @@ def _newer_state(candidate: bytes, than: bytes | None) -> bool:
 
 
 def _meta(content: bytes) -> tuple[int, str] | None:
+    # Serial and lineage only: nothing else of a (hostile, up to 64 MiB) state is built.
     try:
-        doc = json.loads(content)
-        return int(doc["serial"]), str(doc["lineage"])
-    except (ValueError, KeyError, TypeError, RecursionError):
+        serial, lineage, _, _ = state_meta(content)
+    except (ValueError, RecursionError):
         return None
+    return serial, lineage

@@ -346,6 +346,7 @@ class LocalRunner:
                     script=script, info_fd=info_w, network_none=self.network_none,
                     mounts=mounts, extra_files=binds, hidden=self._hidden(),
                     drop_to=sandbox.sandbox_user(),
+                    max_processes=self.settings.runner_pids * self.settings.max_concurrency,
                 )
                 current.proc = await asyncio.create_subprocess_exec(
                     *args, stdin=slot.place.fd, stdout=fds["stdout"], stderr=fds["stderr"],

@@ -10,6 +10,7 @@ import ctypes.util
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def read_artifacts(layout: Layout, request: RunRequest, record: StepRecord) -> A
     found = Artifacts()
     big = request.max_state_bytes * PLAN_FACTOR
     try:
-        found.state = read_local_artifact(layout.state, request.max_state_bytes)
+        found.state = read_local_artifact(layout.state, request.max_state_bytes, root=layout.root)
     except ArtifactProblem as exc:
         found.state_refused = str(exc)
     wanted = [("lock_file", layout.lock_file, LOCK_FILE_LIMIT)]
@@ -60,7 +61,7 @@ def read_artifacts(layout: Layout, request: RunRequest, record: StepRecord) -> A
         wanted.append(("plan_json", layout.plan_json, big))
     for name, path, limit in wanted:
         try:
-            setattr(found, name, read_local_artifact(path, limit))
+            setattr(found, name, read_local_artifact(path, limit, root=layout.root))
         except ArtifactProblem as exc:
             found.notes.append(f"{Path(path).name} not taken: {exc}")
     return found
@@ -107,7 +108,13 @@ def read_tail(path: Path, size: int) -> str:
     """The last ``size`` bytes of a file, as text (the file may be huge, or holed), without
     the run script's step records (bookkeeping, not output)."""
     try:
-        with open(path, "rb") as f:
+        # The status file lies in the run's own directory: no link followed, no FIFO waited on,
+        # nothing but a regular file read.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return ""
+        with os.fdopen(fd, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(f.tell() - size, 0))
             text = f.read(size).decode(errors="replace").replace("\x00", "")

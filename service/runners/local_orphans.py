@@ -113,7 +113,7 @@ async def collect(records: RunRecords, deploy_id: str, attempt: int, grace: floa
     )
     layout = Layout(str(root / "sandbox"))
     steps_record = StepRecord(steps)
-    for line in read_tail(Path(layout.status), 64 * 1024).splitlines():
+    for line in (await asyncio.to_thread(read_tail, Path(layout.status), 64 * 1024)).splitlines():
         steps_record.record(line)
     artifacts = await asyncio.to_thread(read_artifacts, layout, request, steps_record)
     tail = await asyncio.to_thread(read_tail, root / "stderr", TAIL_BYTES)

@@ -61,10 +61,17 @@ def sandbox_user() -> tuple[int, int] | None:
 
 
 SETPRIV = "/usr/bin/setpriv"
+PRLIMIT = "/usr/bin/prlimit"
 
 
-def drop_privileges(uid: int, gid: int) -> list[str]:
-    return [SETPRIV, "--reuid", str(uid), "--regid", str(gid), "--clear-groups",
+def drop_privileges(uid: int, gid: int, max_processes: int | None = None) -> list[str]:
+    """Become ``uid``/``gid`` with no capability, through setpriv; with ``max_processes``, first
+    cap the processes (and threads) that user may have at once (RLIMIT_NPROC, through prlimit):
+    a fork bomb in a run then stops at that number instead of the host's processes
+    (PostgreSQL, the API, other users' runs). The count is the sandbox user's on the whole
+    host, every run's together: give it room for TFDEPLOY_MAX_CONCURRENCY runs."""
+    limit = [PRLIMIT, f"--nproc={max_processes}:{max_processes}", "--"] if max_processes else []
+    return [*limit, SETPRIV, "--reuid", str(uid), "--regid", str(gid), "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
 
@@ -85,6 +92,7 @@ def command(
     extra_files: Iterable[str] = (),
     hidden: Iterable[str] = (),
     drop_to: tuple[int, int] | None = None,
+    max_processes: int | None = None,
 ) -> list[str]:
     """The bwrap command line for one run. ``run_dir`` (host) appears at RUN_ROOT; ``mounts``
     are in-run path -> host path, bound read-only; ``extra_files`` are host files bound
@@ -139,7 +147,7 @@ def command(
     if network_none:
         args.append("--unshare-net")
     if drop_to is not None:
-        args += drop_privileges(*drop_to)
+        args += drop_privileges(*drop_to, max_processes=max_processes)
     args += ["/bin/sh", "-c", script, "tfdeploy-run"]
     return args
 
@@ -170,6 +178,8 @@ def probe(bwrap: str, network_none: bool) -> str | None:
     user = sandbox_user()
     if user is not None and not os.access(SETPRIV, os.X_OK):
         return f"{SETPRIV} (util-linux) is needed to drop root in the sandbox"
+    if user is not None and not os.access(PRLIMIT, os.X_OK):
+        return f"{PRLIMIT} (util-linux) is needed to bound a run's processes"
     parent = Path(tempfile.mkdtemp(prefix="tfdeploy-probe-"))
     try:
         run_dir = parent / "sandbox"
@@ -181,7 +191,7 @@ def probe(bwrap: str, network_none: bool) -> str | None:
             args = command(
                 bwrap=bwrap, run_dir=str(run_dir), terraform=true,
                 script=f"test -w {RUN_ROOT} && test -w /tmp && {BIN_DIR}/terraform", info_fd=w,
-                network_none=network_none, mounts={}, drop_to=user,
+                network_none=network_none, mounts={}, drop_to=user, max_processes=64,
             )
             proc = subprocess.run(
                 args, pass_fds=(w,), capture_output=True, timeout=30, env={"PATH": PATH}

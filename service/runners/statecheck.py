@@ -23,23 +23,29 @@ _Int = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 _Lineage = Annotated[str, msgspec.Meta(max_length=256)]
 
 
-class _Resource(msgspec.Struct):
-    """A resource entry: its identity; instances and attributes are skipped (Raw)."""
+_NO_INSTANCES = msgspec.Raw(b"[]")
+_NO_OUTPUTS = msgspec.Raw(b"{}")
+
+
+class _Resource(msgspec.Struct, gc=False):
+    """A resource entry: its identity; its instances are skipped whole (one Raw: a state of
+    millions of tiny instances must not become millions of objects)."""
 
     type: str
     name: str
     mode: str = "managed"
-    instances: list[msgspec.Raw] = []
+    instances: msgspec.Raw = _NO_INSTANCES
 
 
-class _TfState(msgspec.Struct):
-    """The top of a tfstate (format version 4, what terraform 0.12 and later write)."""
+class _TfState(msgspec.Struct, gc=False):
+    """The top of a tfstate (format version 4, what terraform 0.12 and later write). Outputs
+    and instances stay Raw: the check costs about the state's size, whatever it holds."""
 
     version: Annotated[int, msgspec.Meta(ge=4, le=4)]
     serial: _Int
     lineage: _Lineage
     terraform_version: str = ""
-    outputs: dict[str, msgspec.Raw] = {}
+    outputs: msgspec.Raw = _NO_OUTPUTS
     resources: list[_Resource] = []
     check_results: msgspec.Raw | None = None
 
@@ -52,7 +58,12 @@ def state_shape_problem(content: bytes) -> str | None:
     if not content.strip():
         return "the state file is empty"
     try:
-        _DECODER.decode(content)
+        state = _DECODER.decode(content)
+        if bytes(memoryview(state.outputs)[:1]) != b"{":
+            return "not a tfstate: Expected `object`, got another type - at `$.outputs`"
+        for i, resource in enumerate(state.resources):
+            if bytes(memoryview(resource.instances)[:1]) != b"[":
+                return f"not a tfstate: Expected `array`, got another type - at `$.resources[{i}].instances`"
     except RecursionError:
         return "the state is nested too deeply"
     except msgspec.ValidationError as exc:
@@ -66,19 +77,48 @@ class ArtifactProblem(Exception):
     """An artifact that failed the file checks (not there is not a problem: None)."""
 
 
-def read_local_artifact(path: str | os.PathLike[str], limit: int) -> bytes | None:
-    """Read a file the run left, refusing links (``O_NOFOLLOW``), anything but a regular file
-    (checked on the opened descriptor, so nothing can be swapped in between), hard links to
-    elsewhere, and sizes over ``limit`` (checked before reading). None if there is no file;
-    ArtifactProblem says why it was refused."""
+def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str], flags: int) -> int:
+    """Open ``path``, which lies under the directory ``root``, following no symbolic link on
+    the way from ``root``: every directory between them is opened ``O_NOFOLLOW | O_DIRECTORY``
+    relative to the one before. The run owns the directories under its root and may have put a
+    link anywhere on that way (``config`` -> a host directory): ``O_NOFOLLOW`` on the last
+    component alone would let the worker follow it, outside the sandbox. ``root`` itself is
+    trusted (the worker made it). OSError as os.open raises it (ELOOP or ENOTDIR for a link)."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    parts = relative.split(os.sep)
+    if relative.startswith("..") or os.path.isabs(relative) or "" in parts or ".." in parts:
+        raise ValueError(f"{path} is not under {root}")
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    current = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        # O_NONBLOCK: a FIFO put in its place must not block the open.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        for part in parts[:-1]:
+            if part == ".":
+                continue
+            following = os.open(part, dir_flags, dir_fd=current)
+            os.close(current)
+            current = following
+        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=current)
+    finally:
+        os.close(current)
+
+
+def read_local_artifact(
+    path: str | os.PathLike[str], limit: int, *, root: str | os.PathLike[str] | None = None
+) -> bytes | None:
+    """Read a file the run left, refusing links (``O_NOFOLLOW``; with ``root``, the run's own
+    directory, on every component beneath it: :func:`open_beneath`), anything but a regular
+    file (checked on the opened descriptor, so nothing can be swapped in between), hard links
+    to elsewhere, and sizes over ``limit`` (checked before reading). None if there is no file;
+    ArtifactProblem says why it was refused."""
+    # O_NONBLOCK: a FIFO put in its place must not block the open.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = open_beneath(root, path, flags) if root is not None else os.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ArtifactProblem("it is a symbolic link") from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ArtifactProblem("it, or a directory on its way, is a symbolic link") from None
         raise ArtifactProblem(f"it cannot be opened: {exc.strerror}") from None
     try:
         st = os.fstat(fd)

@@ -12,7 +12,6 @@ READ COMMITTED level; the lock is held until that transaction ends, so keep it s
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -112,16 +111,30 @@ async def _fetch(conn: Conn, sql: str, params: dict[str, Any]) -> list[dict[str,
         return await cur.fetchall()
 
 
+class _Meta(msgspec.Struct, gc=False):
+    """A tfstate's serial and lineage; everything else is skipped, never built (a state of
+    millions of tiny values would otherwise cost gigabytes here)."""
+
+    serial: msgspec.Raw = msgspec.Raw(b"0")
+    lineage: msgspec.Raw = msgspec.Raw(b'""')
+
+
+_META = msgspec.json.Decoder(_Meta)
+
+
 def state_meta(content: bytes) -> tuple[int, str, str, int]:
     """``(serial, lineage, sha256, size)`` of a tfstate; ValueError if it is not a JSON object."""
     try:
-        doc = json.loads(content)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both
+        meta = _META.decode(content)
+    except msgspec.ValidationError:
+        raise ValueError("state is not a JSON object") from None
+    except msgspec.DecodeError as exc:
         raise ValueError(f"state is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError("state is not a JSON object")
-    serial = doc.get("serial", 0)
-    lineage = doc.get("lineage", "")
+    try:
+        serial = msgspec.json.decode(meta.serial) if len(meta.serial) <= 64 else None
+        lineage = msgspec.json.decode(meta.lineage) if len(meta.lineage) <= 4096 else None
+    except msgspec.DecodeError:  # pragma: no cover - a Raw of a decoded document is JSON
+        serial = lineage = None
     if isinstance(serial, bool) or not isinstance(serial, int) or not isinstance(lineage, str):
         raise ValueError("state has an invalid serial or lineage")
     return serial, lineage, hashlib.sha256(content).hexdigest(), len(content)
