@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 
-from service import store
+from service import store, workspaces
 from service.deployer_log import LogWriter
 from service.deployer_outcome import Outcomes, failure_reason
 from service.deployer_request import run_request
@@ -128,7 +128,9 @@ class Deployer:
                 stream = await store.read_stream(conn, deploy_id)
             state = fold(e.event for e in stream)
             if state.phase != "queued" or state.next_attempt != attempt:
-                log.info("skipping job for %s attempt %s: deploy is %s", deploy_id, attempt, state.phase)
+                log.info(
+                    "skipping job for %s attempt %s: deploy is %s", deploy_id, attempt, state.phase
+                )
                 if reservation is not None:
                     await reservation.release()
                 return
@@ -136,6 +138,24 @@ class Deployer:
             if reservation is not None:
                 await reservation.release()
             raise
+        try:
+            async with self.pool.connection() as conn:
+                revoked = (
+                    await workspaces.requester_standing(conn, state.workspace_id, state.owner)
+                    if state.workspace_id and state.owner
+                    else None
+                )
+        except BaseException:
+            if reservation is not None:
+                await reservation.release()
+            raise
+        if revoked is not None:
+            # The owner removed the member (or an admin disabled the user) while the deploy
+            # waited: it must not run against the workspace's later state. Final, not retried.
+            if reservation is not None:
+                await reservation.release()
+            await self._start_and_fail(deploy_id, "access_revoked", revoked)
+            return
         if no_runner is not None and reservation is None:
             # Without a runner there is no attempt; count it as one so the budget bounds it.
             await self._start_and_fail(deploy_id, "runner_error", no_runner)
@@ -207,7 +227,9 @@ class Deployer:
             )
             await self.deploys.execute(
                 deploy_id,
-                AttemptFailed(reason=reason, message=message, retry_delay=self.settings.retry_delay),
+                AttemptFailed(
+                    reason=reason, message=message, retry_delay=self.settings.retry_delay
+                ),
                 self.actor,
             )
 
@@ -270,7 +292,11 @@ class Deployer:
                 result = RunResult(exit_code=-1, state=None, error=str(exc))
                 reason = "runner_error"
             else:
-                reason = "worker_stopped" if handed_over and result.interrupted else failure_reason(result)
+                reason = (
+                    "worker_stopped"
+                    if handed_over and result.interrupted
+                    else failure_reason(result)
+                )
             await self.conclude(deploy_id, request, result, reason, writer, slot=slot)
             concluded = True
         finally:
@@ -288,7 +314,11 @@ class Deployer:
                 await slot.release()
             else:
                 self.kept[(deploy_id, request.attempt)] = slot
-                log.error("outcome of %s attempt %s not recorded; its run is kept", deploy_id, request.attempt)
+                log.error(
+                    "outcome of %s attempt %s not recorded; its run is kept",
+                    deploy_id,
+                    request.attempt,
+                )
 
     async def release_kept(self, deploy_id: str, attempt: int) -> None:
         """Give back what a run kept for recovery (its place under the cap above all), once

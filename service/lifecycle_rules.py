@@ -22,7 +22,7 @@ RunStep = Literal["init", "validate", "plan", "show_plan", "apply", "destroy", "
 # registry, or anything else.
 FailureKind = Literal["config", "network", "other"]
 # Failures no retry can fix: the deploy fails at once whatever its budget.
-FINAL_REASONS: frozenset[str] = frozenset({"invalid_config", "state_invalid"})
+FINAL_REASONS: frozenset[str] = frozenset({"invalid_config", "state_invalid", "access_revoked"})
 
 
 def failure_reason(reason: str, step: RunStep | None, kind: FailureKind | None) -> str:

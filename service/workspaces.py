@@ -71,7 +71,9 @@ def parse_ref(ref: str, caller: str) -> tuple[str, str]:
 
 
 def _workspace(row: dict[str, Any]) -> Workspace:
-    return Workspace(id=str(row["id"]), owner=row["owner"], name=row["name"], created_at=row["created_at"])
+    return Workspace(
+        id=str(row["id"]), owner=row["owner"], name=row["name"], created_at=row["created_at"]
+    )
 
 
 async def _rows(conn: Conn, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -85,7 +87,9 @@ async def find(conn: Conn, owner: str, name: str) -> Workspace | None:
     return _workspace(rows[0]) if rows else None
 
 
-async def find_with_role(conn: Conn, owner: str, name: str, user: str) -> tuple[Workspace, str | None] | None:
+async def find_with_role(
+    conn: Conn, owner: str, name: str, user: str
+) -> tuple[Workspace, str | None] | None:
     """The workspace and the member role ``user`` holds in it (None: not a member)."""
     rows = await _rows(conn, "workspace_access", {"owner": owner, "name": name, "user": user})
     return (_workspace(rows[0]), rows[0]["role"]) if rows else None
@@ -95,6 +99,31 @@ async def role_in(conn: Conn, workspace_id: str, user: str) -> tuple[str, str | 
     """(owner, member role of ``user``) of the workspace with this id; None if there is none."""
     rows = await _rows(conn, "workspace_role", {"id": workspace_id, "user": user})
     return (rows[0]["owner"], rows[0]["role"]) if rows else None
+
+
+def requester_lost_access(
+    user: str, owner: str, admin: bool, disabled: bool, role: str | None
+) -> str | None:
+    """Why the requester of a queued deploy may no longer have it run (None: they still may):
+    the rule of ``service.api.access.may_deploy``, applied again when an attempt starts, since
+    the owner may have removed the member (or an admin disabled the user) while it waited."""
+    if disabled:
+        return f"the user {user!r} who requested this deploy is disabled"
+    if user == owner or admin or role == "deploy":
+        return None
+    return f"{user!r}, who requested this deploy, may no longer deploy to {owner}'s workspace"
+
+
+async def requester_standing(conn: Conn, workspace_id: str, user: str) -> str | None:
+    """``requester_lost_access`` for the requester of a deploy to the workspace ``workspace_id``.
+    An unknown user (a deploy older than users) or workspace is not refused here."""
+    rows = await _rows(conn, "requester_standing", {"id": workspace_id, "user": user})
+    if not rows:
+        return None
+    row = rows[0]
+    return requester_lost_access(
+        user, row["owner"], row["admin"], row["disabled_at"] is not None, row["role"]
+    )
 
 
 class Names:
@@ -131,7 +160,10 @@ def claim(workspace: Workspace, deploy_id: str, actor: str) -> list[tuple[str, d
     the row (a UniqueViolation if the owner has the name already: a racing request of the same
     owner won; the caller retries and finds it) and ``WorkspaceCreated`` in its new stream."""
     return [
-        ("insert_workspace", {"id": workspace.id, "owner": workspace.owner, "name": workspace.name}),
+        (
+            "insert_workspace",
+            {"id": workspace.id, "owner": workspace.owner, "name": workspace.name},
+        ),
         store.workspace_append(
             workspace.id,
             0,
@@ -189,7 +221,10 @@ async def _change_members(
                     write = ("remove_member", {"workspace_id": workspace.id, "user": user})
                     event = MemberRemoved(user=user, role=current)
                 else:
-                    write = ("set_member", {"workspace_id": workspace.id, "user": user, "role": role})
+                    write = (
+                        "set_member",
+                        {"workspace_id": workspace.id, "user": user, "role": role},
+                    )
                     event = MemberSet(user=user, role=role, previous=current or "")
                 writes = [write]
                 events: list[WorkspaceEvent] = [event]
@@ -201,12 +236,18 @@ async def _change_members(
                     released = await _held_by(conn, workspace.id, user)
                     if released is not None:
                         writes += [
-                            ("tfstate_delete_lock", {"workspace_id": workspace.id, "lock_id": released[0]}),
+                            (
+                                "tfstate_delete_lock",
+                                {"workspace_id": workspace.id, "lock_id": released[0]},
+                            ),
                             ("tfstate_notify_dispatch", {}),
                         ]
                         events.append(
                             StateForceUnlocked(
-                                lock_id=released[0], holder=user, held_since=released[1], via="membership"
+                                lock_id=released[0],
+                                holder=user,
+                                held_since=released[1],
+                                via="membership",
                             )
                         )
                 append = store.workspace_append(workspace.id, version, events, actor)
@@ -231,11 +272,15 @@ async def _held_by(conn: Conn, workspace_id: str, user: str) -> tuple[str, str] 
     return str(rows[0]["lock_id"]), since
 
 
-async def set_member(pool: Any, workspace: Workspace, user: str, role: Role, actor: str) -> tuple[str | None, bool]:
+async def set_member(
+    pool: Any, workspace: Workspace, user: str, role: Role, actor: str
+) -> tuple[str | None, bool]:
     return await _change_members(pool, workspace, user, actor, role)
 
 
-async def remove_member(pool: Any, workspace: Workspace, user: str, actor: str) -> tuple[str | None, bool]:
+async def remove_member(
+    pool: Any, workspace: Workspace, user: str, actor: str
+) -> tuple[str | None, bool]:
     return await _change_members(pool, workspace, user, actor, None)
 
 

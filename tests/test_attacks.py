@@ -161,18 +161,11 @@ async def test_a_removed_member_does_not_keep_the_owners_workspace_locked(client
     assert r.status_code == 200, r.text
 
 
-# FINDING 5 (left for the lead: docs/workspaces.md says membership decides who may see and act,
-# "not what runs"): a deploy a `deploy` member queued still runs after the owner removed them --
-# its first attempt, or any retry, however much later -- against the workspace's state of THEN,
-# and its requester still reads its logs (their own history). A removed member keeps reading
-# the workspace's future state for as long as a deploy of theirs waits (behind a lock, a long
-# deploy, its retries' growing delays).
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy: a queued deploy whose requester may no longer deploy to its workspace still "
-    "runs (fix: check the requester's standing when an attempt starts, fail it with a reason "
-    "such as access_revoked)",
-)
+# FINDING 5: a deploy a `deploy` member queued still ran after the owner removed them -- its
+# first attempt, or any retry, however much later -- against the workspace's state of THEN, and
+# its requester still read its logs (their own history). Fixed: when an attempt is about to
+# start, the worker asks again whether the requester may deploy there (not disabled; owner,
+# admin or `deploy` member); if not, the attempt fails at once with `access_revoked` (final).
 async def test_a_removed_members_queued_deploy_does_not_run(database_url, tmp_path, runner_image):
     import httpx
     from test_tfstate import Cli
@@ -209,10 +202,15 @@ async def test_a_removed_members_queued_deploy_does_not_run(database_url, tmp_pa
         written = await ann_cli.put("prod", json.dumps(state).encode(), lock_id="ann-lock")
         assert written.status_code == 200, written.text
         assert (await ann_cli.unlock("prod", "ann-lock")).status_code == 200
-        await h.wait(queued["id"])
+        ended = await h.wait(queued["id"])
         logs = (await bob.get(f"/deploys/{queued['id']}/logs")).text
         await bob.aclose()
         assert "OWNERS-NEXT-SECRET" not in logs
+        # Fixed: the requester's standing is checked again when an attempt starts; final.
+        assert ended["status"] == "failed", ended
+        assert ended["error"]["reason"] == "access_revoked", ended
+        assert "may no longer deploy" in ended["error"]["message"]
+        assert ended["attempt"] == 1
 
 
 # FINDING 6: a tfstate is bounded in bytes (TFDEPLOY_MAX_STATE_BYTES, 64 MiB), not in what it
@@ -312,7 +310,7 @@ async def test_a_secret_never_appears_in_a_plans_addresses(database_url, tmp_pat
         assert "TOPSECRET-77" not in events
 
 
-# FINDING 9 (left for the lead): a `deploy` member plants code that runs in the OWNER's later
+# FINDING 9 (by design, docs/workspaces.md): a `deploy` member plants code that runs in the OWNER's later
 # deploys, with the owner's secrets. terraform init installs the providers the STATE names, not
 # only the configuration's, and terraform starts them to plan or destroy what the state holds:
 # bob writes a state (his terraform CLI, or a deploy of his) with one resource of a provider he
@@ -328,10 +326,10 @@ exit 1
 
 @pytest.mark.xfail(
     strict=True,
-    reason="a deploy member can make the owner's runs start a provider named only by the state "
-    "they wrote (fix, for the lead: install and start only providers the deploy's own "
-    "configuration or the owner's kept lock file names, or say plainly that `deploy` "
-    "membership shares the owner's secrets)",
+    reason="by design (docs/workspaces.md): `deploy` membership is trusted with the secrets of "
+    "the owner's runs, since terraform starts every provider the state names and a member writes "
+    "the state; refusing providers the root configuration does not name would break registry "
+    "modules. This test fails while that trust holds.",
 )
 async def test_a_deploy_member_cannot_run_code_with_the_owners_secrets(database_url, tmp_path, runner_image):
     import base64
@@ -438,3 +436,49 @@ async def test_another_users_workspace_is_404_under_every_spelling(client, token
     # and bob's own deploy to "ann:prod" neither reaches ann's nor makes one for him
     r = await client.post("/deploys", headers=bob, json={"workspace": "ann:prod", "files": {"main.tf": ONE}})
     assert r.status_code == 404, r.text
+
+
+@pytest.mark.parametrize(
+    ("user", "owner", "admin", "disabled", "role", "allowed"),
+    [
+        ("ann", "ann", False, False, None, True),
+        ("bob", "ann", False, False, "deploy", True),
+        ("bob", "ann", True, False, None, True),
+        ("bob", "ann", False, False, "read", False),
+        ("bob", "ann", False, False, None, False),
+        ("ann", "ann", False, True, None, False),
+        ("bob", "ann", True, True, "deploy", False),
+    ],
+)
+def test_who_may_still_have_a_queued_deploy_run(user, owner, admin, disabled, role, allowed):
+    from service.workspaces import requester_lost_access
+
+    reason = requester_lost_access(user, owner, admin, disabled, role)
+    assert (reason is None) is allowed, reason
+
+
+async def test_a_disabled_users_queued_deploy_does_not_run(database_url, tmp_path, runner_image):
+    from test_tfstate import Cli
+
+    from service.auth import disable_user
+
+    async with harness(database_url, tmp_path, "local", runner_image, max_attempts=3) as h:
+        first = await h.submit({"main.tf": ONE}, workspace="prod")
+        assert (await h.wait(first["id"]))["status"] == "succeeded"
+        # Her own CLI lock holds the next deploy in the queue while an admin disables her.
+        cli = Cli(h.client, h.token)
+        assert (await cli.lock("prod", "held")).status_code == 200
+        queued = await h.submit({"main.tf": ONE}, workspace="prod")
+        async with h.services.pool.connection() as conn:
+            await disable_user(conn, "ann")
+        async with h.services.pool.connection() as conn, conn.cursor() as cur:
+            await cur.execute("DELETE FROM workspace_locks")
+            await cur.execute("SELECT pg_notify('tfdeploy_dispatch', '')")
+        # Her token is refused now: read the deploy's view directly.
+        deadline = time.monotonic() + 30
+        while (view := await h.services.deploys.get(queued["id"])).status not in ("failed", "succeeded"):
+            assert time.monotonic() < deadline, view
+            await asyncio.sleep(0.1)
+        assert view.status == "failed", view
+        assert view.error is not None and view.error.reason == "access_revoked"
+        assert "disabled" in view.error.message

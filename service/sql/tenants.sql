@@ -195,3 +195,13 @@ WHERE workspace_id = %(workspace_id)s::uuid AND user_name = %(user)s;
 SELECT workspace_id::text, owner, name, other_user, deploys, first_deploy_at, last_deploy_at,
        member_role
 FROM workspaces_contested ORDER BY owner, name, other_user;
+
+-- requester_standing --
+-- What the requester of a deploy is to its workspace when an attempt is about to start: the
+-- workspace's owner, the user's admin flag and disabled time, and their member role. No row:
+-- the workspace or the user is unknown.
+SELECT w.owner, u.admin, u.disabled_at,
+       (SELECT m.role FROM workspace_members m
+        WHERE m.workspace_id = w.id AND m.user_name = u.name) AS role
+FROM workspaces w, users u
+WHERE w.id = %(id)s::uuid AND u.name = %(user)s;
