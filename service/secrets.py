@@ -28,6 +28,7 @@ import binascii
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -272,6 +273,14 @@ def load_or_create_key(settings: Settings) -> str:
     path = settings.data_path / KEY_FILE
     if not path.exists():
         _create_key_file(path)
+        if settings.database_url:
+            # Another host sharing this database makes a key of its own and cannot open what
+            # this one sealed (secrets of queued deploys, states, plans).
+            logging.getLogger(__name__).warning(
+                "%s is unset: generated a key into %s; with a shared database, every API "
+                "process and worker must use one key -- set %s on all of them",
+                KEY_ENV, path, KEY_ENV,
+            )
     key = path.read_text(encoding="ascii").strip()
     try:
         KeyRing(key)
