@@ -118,6 +118,31 @@ def instrument_docker() -> None:
                 finally:
                     TIMINGS.setdefault(__name, []).append((time.perf_counter() - t0) * 1000)
             setattr(DockerRunner, name, functools.wraps(fn)(timed_sync))
+    # The engine's own requests (thread-side) and the outcome's recording (state, events).
+    import docker
+
+    from service.deployer_outcome import Outcomes
+
+    for name in ("create_container", "put_archive", "start", "attach", "wait", "inspect_container",
+                 "get_archive", "remove_container", "containers"):
+        fn = getattr(docker.APIClient, name)
+
+        def timed_api(*a, __fn=fn, __name=name, **kw):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            try:
+                return __fn(*a, **kw)
+            finally:
+                TIMINGS.setdefault(f"api.{__name}", []).append((time.perf_counter() - t0) * 1000)
+        setattr(docker.APIClient, name, functools.wraps(fn)(timed_api))
+    conclude = Outcomes.conclude
+
+    async def timed_conclude(*a, **kw):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        try:
+            return await conclude(*a, **kw)
+        finally:
+            TIMINGS.setdefault("Outcomes.conclude", []).append((time.perf_counter() - t0) * 1000)
+    Outcomes.conclude = functools.wraps(conclude)(timed_conclude)  # type: ignore[method-assign]
 
 
 async def measure(url: str, data_dir: str, kind: str, n: int, cap: int) -> dict[str, float]:
