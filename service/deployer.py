@@ -126,7 +126,14 @@ class Deployer:
         try:
             async with self.pool.connection() as conn:
                 stream = await store.read_stream(conn, deploy_id)
-            state = fold(e.event for e in stream)
+                state = fold(e.event for e in stream)
+                # Asked again as the attempt is about to start: the owner may have removed
+                # the requester (or an admin disabled them) while the deploy waited.
+                revoked = (
+                    await workspaces.requester_standing(conn, state.workspace_id, state.owner)
+                    if state.phase == "queued" and state.workspace_id and state.owner
+                    else None
+                )
             if state.phase != "queued" or state.next_attempt != attempt:
                 log.info(
                     "skipping job for %s attempt %s: deploy is %s", deploy_id, attempt, state.phase
@@ -138,20 +145,8 @@ class Deployer:
             if reservation is not None:
                 await reservation.release()
             raise
-        try:
-            async with self.pool.connection() as conn:
-                revoked = (
-                    await workspaces.requester_standing(conn, state.workspace_id, state.owner)
-                    if state.workspace_id and state.owner
-                    else None
-                )
-        except BaseException:
-            if reservation is not None:
-                await reservation.release()
-            raise
         if revoked is not None:
-            # The owner removed the member (or an admin disabled the user) while the deploy
-            # waited: it must not run against the workspace's later state. Final, not retried.
+            # It must not run against the workspace's later state. Final, not retried.
             if reservation is not None:
                 await reservation.release()
             await self._start_and_fail(deploy_id, "access_revoked", revoked)
