@@ -1,8 +1,10 @@
 """Cap utilisation: 40 deploys of a config that sleeps 1 s, cap 4: makespan against the ideal.
 
     .venv/bin/python bench/cap.py [--quick] [--deploys N] [--cap C] [--runner local|docker|both]
-                                  [--no-prefetch] [--trace]
+                                  [--no-prefetch] [--trace] [--instrument] [--steps-anchor]
 
+``--steps-anchor`` adds the runs by hand with a tfdeploy run's own steps (init, validate, apply),
+``--instrument`` times the Docker runner's calls and the engine's requests.
 ``--no-prefetch`` runs the worker with as many dispatch lanes as the cap (no spare lane waiting
 for a place while the others record their outcomes); ``--trace`` prints where each slot's time
 goes, from the events and log lines' ``recorded_at``.
@@ -56,7 +58,9 @@ resource "terraform_data" "nap" {
 """
 
 
-def by_hand(kind: str) -> float:
+def by_hand(kind: str, validate: bool = False) -> float:
+    """One init + apply by hand; ``validate``: init + validate + apply, the steps a tfdeploy run
+    makes (issue 13: a configuration is validated before anything is applied)."""
     d = tempfile.mkdtemp(prefix="tfbench-")
     try:
         os.chmod(d, 0o777)
@@ -65,13 +69,18 @@ def by_hand(kind: str) -> float:
         if kind == "local":
             env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": d, "TMPDIR": d,
                    "CHECKPOINT_DISABLE": "1", "TF_IN_AUTOMATION": "1"}
-            for args in (["init", "-input=false"], ["apply", "-auto-approve", "-input=false"]):
+            steps = [["init", "-input=false"], ["apply", "-auto-approve", "-input=false"]]
+            if validate:
+                steps.insert(1, ["validate"])
+            for args in steps:
                 subprocess.run(["terraform", *args], cwd=d, env=env, check=True, capture_output=True)
         else:
             subprocess.run(
                 ["docker", "run", "--rm", "--network", "none", "-v", f"{d}:/workspace", "-w", "/workspace",
                  "--entrypoint", "/bin/sh", RUNNER_IMAGE, "-c",
-                 "terraform init -input=false && terraform apply -auto-approve -input=false; "
+                 "terraform init -input=false && "
+                 + ("terraform validate >/dev/null && " if validate else "")
+                 + "terraform apply -auto-approve -input=false; "
                  "rm -rf .terraform .terraform.lock.hcl terraform.tfstate"],
                 check=True, capture_output=True,
             )
@@ -80,13 +89,13 @@ def by_hand(kind: str) -> float:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def by_hand_pool(kind: str, n: int, cap: int) -> float:
+def by_hand_pool(kind: str, n: int, cap: int, validate: bool = False) -> float:
     """n runs by hand, ``cap`` at a time: the makespan this machine allows at most."""
     from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(cap) as pool:
-        list(pool.map(lambda _: by_hand(kind), range(n)))
+        list(pool.map(lambda _: by_hand(kind, validate), range(n)))
     return time.perf_counter() - t0
 
 
@@ -226,6 +235,8 @@ def main() -> int:
     ap.add_argument("--cap", type=int, default=4)
     ap.add_argument("--runner", default="both", choices=["local", "docker", "both"])
     ap.add_argument("--hand-runs", type=int)
+    ap.add_argument("--steps-anchor", action="store_true",
+                    help="also the runs by hand with the run's own steps (init, validate, apply)")
     ap.add_argument("--instrument", action="store_true", help="time the Docker runner's engine calls")
     ap.add_argument("--pyspy", type=float, default=0.0, help="py-spy this process for S seconds of the run")
     ap.add_argument("--no-prefetch", action="store_true", help="dispatch lanes = cap (no spare lane)")
@@ -255,6 +266,12 @@ def main() -> int:
             url = new_database(pg)
             m = asyncio.run(measure(url, data_dir, kind, n, cap))
             pooled = by_hand_pool(kind, n, cap)
+            if args.steps_anchor:
+                with_steps = by_hand_pool(kind, n, cap, validate=True)
+                notes.append(
+                    f"{kind}: by hand with the run's steps (init, validate, apply), {cap} at a time: "
+                    f"{with_steps:.1f} s; tfdeploy / those: {m['makespan'] / with_steps:.2f}"
+                )
             waves = -(-n // cap)
             ideal, ideal_tf = waves * 1.0, waves * t1
             rows.append([kind, n, cap, m["makespan"], ideal, m["makespan"] / ideal, t1, ideal_tf,
