@@ -4,18 +4,20 @@ a run's end becomes a RunResult (``finish_result``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import PurePosixPath
 from typing import Any, Protocol, TypeVar
 
 from service.runners.base import STATE_STEPS, RunnerError, RunRequest, RunResult
 from service.runners.diagnostics import classify
 from service.runners.output import RunOutput, StepRecord
-from service.runners.statecheck import state_shape_problem
+from service.runners.script import Layout
+from service.runners.statecheck import ArtifactProblem, state_shape_problem
 
 log = logging.getLogger("tfdeploy.runner")
 
@@ -191,6 +193,31 @@ class Artifacts:
         self.notes: list[str] = []
 
 
+def read_artifacts_with(
+    read: Callable[[str, int], bytes | None], layout: Layout, request: RunRequest, record: StepRecord
+) -> Artifacts:
+    """What a run left, through a runner's ``read(path, limit)`` (None: not there;
+    ArtifactProblem: refused by the file checks): the state always, the lock file, and the plan
+    file and plan JSON of the steps that made them."""
+    found = Artifacts()
+    try:
+        found.state = read(layout.state, request.max_state_bytes)
+    except ArtifactProblem as exc:
+        found.state_refused = str(exc)
+    big = request.max_state_bytes * PLAN_FACTOR
+    wanted = [("lock_file", layout.lock_file, LOCK_FILE_LIMIT)]
+    if "plan" in record.done:
+        wanted.append(("plan", layout.plan, big))
+    if "show_plan" in record.done:
+        wanted.append(("plan_json", layout.plan_json, big))
+    for name, path, limit in wanted:
+        try:
+            setattr(found, name, read(path, limit))
+        except ArtifactProblem as exc:
+            found.notes.append(f"{PurePosixPath(path).name} not taken: {exc}")
+    return found
+
+
 def check_state(
     request: RunRequest, record: StepRecord, artifacts: Artifacts
 ) -> tuple[bytes | None, str | None, bytes | None]:
@@ -270,6 +297,7 @@ __all__ = [
     "StopFlags",
     "cancelled_before_start",
     "check_state",
+    "read_artifacts_with",
     "exit_code_of",
     "finish_result",
     "in_thread",
@@ -278,3 +306,28 @@ __all__ = [
     "tf_var_env",
     "validate_request",
 ]
+
+
+class Wakeups:
+    """In-process wake-ups by key (a places directory): a place given back wakes at once every
+    waiter for it, from any thread or event loop; other processes' releases are noticed by the
+    waiters' own polls."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+    def notify(self, key: str) -> None:
+        for loop, event in list(self._waiters.get(key, ())):
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(event.set)
+
+    @contextlib.contextmanager
+    def waiting(self, key: str) -> Iterator[asyncio.Event]:
+        """The event ``notify(key)`` sets, for as long as the block runs."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        waiters = self._waiters.setdefault(key, set())
+        waiters.add(waiter)
+        try:
+            yield waiter[1]
+        finally:
+            waiters.discard(waiter)

@@ -21,7 +21,7 @@ from typing import Any
 import docker
 import docker.errors
 
-from service.runners._common import LOCK_FILE_LIMIT, PLAN_FACTOR, Artifacts, safe_relative_path
+from service.runners._common import Artifacts, read_artifacts_with, safe_relative_path
 from service.runners.base import RunRequest
 from service.runners.output import StepRecord
 from service.runners.script import Layout
@@ -140,23 +140,9 @@ def read_artifacts(
     api: docker.APIClient, container_id: str, request: RunRequest, record: StepRecord
 ) -> Artifacts:
     """What the run left, each file checked."""
-    found = Artifacts()
-    try:
-        found.state = read_file(api, container_id, LAYOUT.state, request.max_state_bytes)
-    except ArtifactProblem as exc:
-        found.state_refused = str(exc)
-    big = request.max_state_bytes * PLAN_FACTOR
-    wanted = [("lock_file", LAYOUT.lock_file, LOCK_FILE_LIMIT)]
-    if "plan" in record.done:
-        wanted.append(("plan", LAYOUT.plan, big))
-    if "show_plan" in record.done:
-        wanted.append(("plan_json", LAYOUT.plan_json, big))
-    for name, path, limit in wanted:
-        try:
-            setattr(found, name, read_file(api, container_id, path, limit))
-        except ArtifactProblem as exc:
-            found.notes.append(f"{path.rsplit('/', 1)[-1]} not taken: {exc}")
-    return found
+    return read_artifacts_with(
+        lambda path, limit: read_file(api, container_id, path, limit), LAYOUT, request, record
+    )
 
 
 def read_status(api: docker.APIClient, container_id: str, record: StepRecord) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from service.runners import sandbox
-from service.runners._common import LOCK_FILE_LIMIT, PLAN_FACTOR, Artifacts, safe_relative_path
+from service.runners._common import Artifacts, read_artifacts_with, safe_relative_path
 from service.runners.base import RunRequest
 from service.runners.output import RunOutput, StepRecord
 from service.runners.script import MARKER_PREFIX, Layout
-from service.runners.statecheck import ArtifactProblem, read_local_artifact
+from service.runners.statecheck import read_local_artifact
 
 TAIL_POLL = 0.05
 TAIL_CHUNK = 64 * 1024
@@ -48,23 +48,10 @@ async def read_child_pid(fd: int) -> int | None:
 
 def read_artifacts(layout: Layout, request: RunRequest, record: StepRecord) -> Artifacts:
     """The run's files, each with the file checks (statecheck)."""
-    found = Artifacts()
-    big = request.max_state_bytes * PLAN_FACTOR
-    try:
-        found.state = read_local_artifact(layout.state, request.max_state_bytes, root=layout.root)
-    except ArtifactProblem as exc:
-        found.state_refused = str(exc)
-    wanted = [("lock_file", layout.lock_file, LOCK_FILE_LIMIT)]
-    if "plan" in record.done:
-        wanted.append(("plan", layout.plan, big))
-    if "show_plan" in record.done:
-        wanted.append(("plan_json", layout.plan_json, big))
-    for name, path, limit in wanted:
-        try:
-            setattr(found, name, read_local_artifact(path, limit, root=layout.root))
-        except ArtifactProblem as exc:
-            found.notes.append(f"{Path(path).name} not taken: {exc}")
-    return found
+    return read_artifacts_with(
+        lambda path, limit: read_local_artifact(path, limit, root=layout.root),
+        layout, request, record,
+    )
 
 
 _libc: Any = None
