@@ -34,20 +34,14 @@ from typing import Any
 import docker
 import docker.errors
 
-from service.runners._common import in_thread
+from service.runners._common import Wakeups, in_thread
 from service.runners.base import RunnerError
 from service.runners.docker_engine import ENGINE_POLL_MAX, Engine, engine_unreachable
 
 STOPPED_STATES = ("exited", "dead")
 POLL_MIN, POLL_MAX = 0.1, 1.0
 
-_waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
-
-
-def _notify(key: str) -> None:
-    for loop, event in list(_waiters.get(key, ())):
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(event.set)
+_wakeups = Wakeups()  # in-process: places directory -> its waiters
 
 
 class FileLock:
@@ -131,7 +125,7 @@ class DockerReservation:
             return
         self._released = True
         os.close(self.fd)
-        _notify(self.places.key)
+        _wakeups.notify(self.places.key)
 
 
 class DockerPlaces:
@@ -205,50 +199,46 @@ class DockerPlaces:
         not answer is waited for up to ``engine_wait`` (the deploy stays queued), then
         RunnerError."""
         loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        waiter = (loop, wake)
-        waiters = _waiters.setdefault(self.key, set())
-        waiters.add(waiter)
         down_since: float | None = None
         pause, delay = 0.5, POLL_MIN
         events: Any = None
-        try:
-            while True:
-                wake.clear()
-                try:
-                    await before()
-                    if events is None:
-                        # Subscribed BEFORE counting, so nothing that frees a place between
-                        # the count and the wait is missed.
-                        events = await self.engine.call(self._subscribe)
-                        threading.Thread(
-                            target=_forward_events, args=(events, loop, wake), daemon=True
-                        ).start()
-                    async with self.cap_lock():
-                        got = self._take() if await self.count() < self.cap else None
-                except RunnerError as exc:
-                    if not engine_unreachable(exc):
-                        raise
-                    now = time.monotonic()
-                    down_since = now if down_since is None else down_since
-                    if now - down_since >= self.engine.engine_wait:
-                        raise RunnerError(
-                            f"Docker engine unreachable for {self.engine.engine_wait:g}s: {exc}"
-                        ) from exc
-                    _close(events)
-                    events = None
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, ENGINE_POLL_MAX)
-                    continue
-                down_since, pause = None, 0.5
-                if got is not None:
-                    return got
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), delay)
-                delay = POLL_MIN if wake.is_set() else min(delay * 2, POLL_MAX)
-        finally:
-            waiters.discard(waiter)
-            _close(events)
+        with _wakeups.waiting(self.key) as wake:
+            try:
+                while True:
+                    wake.clear()
+                    try:
+                        await before()
+                        if events is None:
+                            # Subscribed BEFORE counting, so nothing that frees a place between
+                            # the count and the wait is missed.
+                            events = await self.engine.call(self._subscribe)
+                            threading.Thread(
+                                target=_forward_events, args=(events, loop, wake), daemon=True
+                            ).start()
+                        async with self.cap_lock():
+                            got = self._take() if await self.count() < self.cap else None
+                    except RunnerError as exc:
+                        if not engine_unreachable(exc):
+                            raise
+                        now = time.monotonic()
+                        down_since = now if down_since is None else down_since
+                        if now - down_since >= self.engine.engine_wait:
+                            raise RunnerError(
+                                f"Docker engine unreachable for {self.engine.engine_wait:g}s: {exc}"
+                            ) from exc
+                        _close(events)
+                        events = None
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, ENGINE_POLL_MAX)
+                        continue
+                    down_since, pause = None, 0.5
+                    if got is not None:
+                        return got
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), delay)
+                    delay = POLL_MIN if wake.is_set() else min(delay * 2, POLL_MAX)
+            finally:
+                _close(events)
 
     def _subscribe(self) -> Any:
         return self.engine.api.events(

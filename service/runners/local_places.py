@@ -20,17 +20,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.runners._common import Wakeups
 from service.runners.base import RunnerError
 
-# In-process wake-ups: slots dir -> events of the waiters there.
-_waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+_wakeups = Wakeups()  # in-process: slots dir -> its waiters
 POLL_MIN, POLL_MAX = 0.05, 0.5
-
-
-def _notify(key: str) -> None:
-    for loop, event in list(_waiters.get(key, ())):
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(event.set)
 
 
 @dataclass(eq=False)
@@ -52,7 +46,7 @@ class LocalPlace:
             return
         self._released = True
         os.close(self.fd)
-        _notify(self.places.key)
+        _wakeups.notify(self.places.key)
 
 
 class LocalPlaces:
@@ -96,13 +90,8 @@ class LocalPlaces:
         return held
 
     async def reserve(self) -> LocalPlace:
-        loop = asyncio.get_running_loop()
-        event = asyncio.Event()
-        waiter = (loop, event)
-        waiters = _waiters.setdefault(self.key, set())
-        waiters.add(waiter)
         delay = POLL_MIN
-        try:
+        with _wakeups.waiting(self.key) as event:
             while True:
                 event.clear()
                 try:
@@ -114,5 +103,3 @@ class LocalPlaces:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), delay)
                 delay = min(delay * 2, POLL_MAX)
-        finally:
-            waiters.discard(waiter)
