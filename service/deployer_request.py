@@ -55,7 +55,9 @@ async def run_request(
         cur = await conn.execute(q("get_secrets"), {"deploy_id": deploy_id})
         row = await cur.fetchone()
         # The workspace's key (its id) keys its state, whatever name the stream gave.
-        workspace = await workspace_key(conn, deploy_id)
+        workspace = (deploy.workspace_id if deploy is not None else "") or await workspace_key(
+            conn, deploy_id
+        )
         latest = await index.latest(conn, workspace)
         kept_lock = await lockfiles.latest(conn, workspace)
         if kind == "apply" and deploy is not None:
